@@ -1,0 +1,128 @@
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/future.h"
+#include "common/status.h"
+#include "net/address.h"
+#include "net/identity.h"
+#include "net/message.h"
+#include "net/peer_id.h"
+
+namespace hivemind::net {
+
+using Milliseconds = std::chrono::milliseconds;
+
+struct NodeOptions {
+  // Key pair; a fresh ephemeral one when unset. Use Identity::LoadOrCreate for a persistent id.
+  std::optional<Identity> identity;
+  // Multiaddrs to listen on; port 0 picks a free port. Ignored in client mode.
+  std::vector<std::string> listen_addresses = {"/ip4/0.0.0.0/tcp/0"};
+  // Multiaddrs to tell others instead of the listen addresses (NAT, port forwarding). Without /p2p/.
+  std::vector<std::string> announce_addresses;
+  // A client-mode node accepts no inbound connections; it calls others, and gets replies and
+  // streams back (and can be called back) over its own outbound connections.
+  bool client_mode = false;
+  // CURVE encryption + authentication of every link. Turn off only inside a trusted cluster: peer ids
+  // are then taken on trust. Both sides of a link must agree.
+  bool encryption = true;
+
+  Milliseconds default_call_timeout{30000};
+  // A connection with no traffic (not even heartbeats) for this long is closed and its calls fail.
+  Milliseconds heartbeat_interval{1000};
+  Milliseconds heartbeat_timeout{5000};
+  // How long to keep trying to connect before the calls waiting for that connection fail.
+  Milliseconds connect_timeout{5000};
+
+  // Largest logical message (header + payloads) accepted or sent.
+  size_t max_message_bytes = size_t{1} << 30;
+  // Largest serialized header of one message.
+  size_t max_header_bytes = size_t{4} << 20;
+  // Payloads are cut into chunks of this size; at most `link_window_chunks` chunks per connection are
+  // in flight, so memory per connection stays bounded whatever the sender does.
+  size_t chunk_bytes = size_t{4} << 20;
+  int link_window_chunks = 8;
+  // How many unread messages a stream buffers before its writer has to wait.
+  int stream_window_messages = 16;
+  // Per remote peer: inbound streams open at once, unary requests in progress at once.
+  int max_inbound_streams_per_peer = 64;
+  int max_inflight_requests_per_peer = 1024;
+  // Threads running unary handlers and completion callbacks.
+  int worker_threads = 2;
+};
+
+struct CallOptions {
+  // Zero = NodeOptions::default_call_timeout.
+  Milliseconds timeout{0};
+};
+
+// What a handler knows about the call it serves.
+struct CallContext {
+  PeerId peer;                 // authenticated when encryption is on
+  std::string method;
+  std::chrono::steady_clock::time_point deadline;
+  std::shared_ptr<const std::atomic<bool>> cancelled;  // set when the caller cancels or goes away
+
+  bool IsCancelled() const { return cancelled && cancelled->load(); }
+};
+
+// A bidirectional stream of messages. Thread-safe. Writes are flow-controlled: a write's future
+// completes once the message is handed to the connection; it waits while the reader's window is full.
+class Stream {
+ public:
+  virtual ~Stream() = default;
+  virtual const PeerId& peer() const = 0;
+  virtual Future<Empty> Write(Message message) = 0;
+  // No more writes from this side. For a server handler, returning from the handler does this too.
+  virtual void CloseWrite() = 0;
+  // The next message, or nullopt once the other side closed its writes with OK. Fails with the
+  // other side's error status, kUnavailable if the peer died, kDeadlineExceeded at the deadline.
+  virtual Future<std::optional<Message>> Read() = 0;
+  // Aborts both directions; the other side sees kCancelled.
+  virtual void Cancel() = 0;
+};
+
+// Calls the handler must answer exactly once, from any thread, possibly after returning.
+using Responder = std::function<void(Result<Message>)>;
+using UnaryHandler = std::function<void(const CallContext&, Message request, Responder respond)>;
+// Runs on a thread of its own. The returned status ends the stream for the caller.
+using StreamHandler = std::function<Status(const CallContext&, Stream& stream)>;
+
+// A peer on the network: listens (unless client mode), connects to others on demand, serves
+// registered methods and makes calls. All methods are thread-safe.
+class Node {
+ public:
+  static Result<std::unique_ptr<Node>> Start(NodeOptions options);
+  virtual ~Node() = default;
+
+  virtual const PeerId& peer_id() const = 0;
+  virtual const Identity& identity() const = 0;
+  // Where others can reach this node (announce addresses if set, else the bound listen addresses);
+  // each ends in /p2p/<peer id>. Empty in client mode.
+  virtual PeerAddress visible_address() const = 0;
+
+  // Methods can be registered at any time; registering a name twice replaces the handler.
+  virtual void RegisterUnary(const std::string& method, UnaryHandler handler) = 0;
+  virtual void RegisterStream(const std::string& method, StreamHandler handler) = 0;
+
+  // Sends `request` to `peer` and completes with the reply or an error. The future's Cancel()
+  // cancels the call on both sides. With no endpoints in `peer`, uses an existing connection to it.
+  virtual Future<Message> Call(const PeerAddress& peer, const std::string& method, Message request,
+                               CallOptions options = {}) = 0;
+  virtual std::shared_ptr<Stream> OpenStream(const PeerAddress& peer, const std::string& method,
+                                             CallOptions options = {}) = 0;
+
+  // Peers with a live connection right now.
+  virtual std::vector<PeerId> ConnectedPeers() const = 0;
+
+  // Fails pending calls with kCancelled, closes connections and joins threads. Idempotent.
+  virtual void Shutdown() = 0;
+};
+
+}  // namespace hivemind::net
