@@ -20,7 +20,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr char kZapDomain[] = "hivemind";
 constexpr auto kSweepInterval = std::chrono::milliseconds(20);
-constexpr size_t kMaxChunkBytes = size_t{16} << 20;
 
 // Addresses of this machine's interfaces, for a node listening on 0.0.0.0.
 std::vector<std::string> LocalIp4Addresses() {
@@ -64,6 +63,16 @@ Status ValidateOptions(const NodeOptions& options) {
 
 }  // namespace
 
+void ApplyConnectionOptions(zmq::socket_t& socket, const NodeOptions& options) {
+  socket.set(zmq::sockopt::linger, 0);
+  // One ZeroMQ message holds at most one chunk and a header; anything larger is not our protocol.
+  socket.set(zmq::sockopt::maxmsgsize,
+             static_cast<int64_t>(kMaxChunkBytes + options.max_header_bytes + (64 << 10)));
+  socket.set(zmq::sockopt::heartbeat_ivl, static_cast<int>(options.heartbeat_interval.count()));
+  socket.set(zmq::sockopt::heartbeat_timeout, static_cast<int>(options.heartbeat_timeout.count()));
+  socket.set(zmq::sockopt::heartbeat_ttl, static_cast<int>(options.heartbeat_timeout.count()));
+}
+
 Result<std::unique_ptr<Node>> Node::Start(NodeOptions options) {
   Status valid = ValidateOptions(options);
   if (!valid.ok()) return valid;
@@ -88,15 +97,6 @@ NodeImpl::~NodeImpl() { Shutdown(); }
 
 Status NodeImpl::Open() {
   try {
-    auto apply_common = [&](zmq::socket_t& socket) {
-      socket.set(zmq::sockopt::linger, 0);
-      socket.set(zmq::sockopt::maxmsgsize,
-                 static_cast<int64_t>(kMaxChunkBytes + options_.max_header_bytes + (64 << 10)));
-      socket.set(zmq::sockopt::heartbeat_ivl, static_cast<int>(options_.heartbeat_interval.count()));
-      socket.set(zmq::sockopt::heartbeat_timeout,
-                 static_cast<int>(options_.heartbeat_timeout.count()));
-      socket.set(zmq::sockopt::heartbeat_ttl, static_cast<int>(options_.heartbeat_timeout.count()));
-    };
     if (!options_.client_mode) {
       if (options_.encryption) {
         // The ZAP handler must exist before the ROUTER accepts anyone; without it CURVE
@@ -106,7 +106,7 @@ Status NodeImpl::Open() {
         zap_->bind("inproc://zeromq.zap.01");
       }
       router_ = std::make_unique<zmq::socket_t>(context_, zmq::socket_type::router);
-      apply_common(*router_);
+      ApplyConnectionOptions(*router_, options_);
       router_->set(zmq::sockopt::router_mandatory, 1);
       if (options_.encryption) {
         router_->set(zmq::sockopt::curve_server, 1);

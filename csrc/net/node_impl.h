@@ -18,6 +18,9 @@
 
 namespace hivemind::net {
 
+// Socket options shared by the ROUTER and every DEALER: linger, size cap, heartbeats.
+void ApplyConnectionOptions(zmq::socket_t& socket, const NodeOptions& options);
+
 // The Node: a reactor thread that owns every socket, a worker pool for handlers and completions,
 // and one thread per served stream. Everything below "reactor state" is touched only by the reactor.
 class NodeImpl : public Node, public StreamTransport {

@@ -737,13 +737,7 @@ Status NodeImpl::ConnectToCurrentEndpoint(Link& link) {
   const Endpoint& endpoint = link.endpoints[link.endpoint_index];
   try {
     auto socket = std::make_unique<zmq::socket_t>(context_, zmq::socket_type::dealer);
-    socket->set(zmq::sockopt::linger, 0);
-    socket->set(zmq::sockopt::maxmsgsize,
-                static_cast<int64_t>((size_t{16} << 20) + options_.max_header_bytes + (64 << 10)));
-    socket->set(zmq::sockopt::heartbeat_ivl, static_cast<int>(options_.heartbeat_interval.count()));
-    socket->set(zmq::sockopt::heartbeat_timeout,
-                static_cast<int>(options_.heartbeat_timeout.count()));
-    socket->set(zmq::sockopt::heartbeat_ttl, static_cast<int>(options_.heartbeat_timeout.count()));
+    ApplyConnectionOptions(*socket, options_);
     if (options_.encryption) {
       auto server_key = link.peer.CurvePublicKey();
       if (!server_key.ok()) return server_key.status();

@@ -17,6 +17,8 @@ constexpr uint32_t kProtocolVersion = 1;
 constexpr uint32_t kMinCompatibleProtocolVersion = 1;
 // A logical message may carry at most this many payloads (bounds allocations made for a header).
 constexpr size_t kMaxPayloadsPerMessage = 4096;
+// The largest chunk a sender may use; receivers size their ZeroMQ message limit for it.
+constexpr size_t kMaxChunkBytes = size_t{16} << 20;
 
 // The size limits a node enforces on every message it sends or accepts.
 struct MessageLimits {
