@@ -36,10 +36,12 @@ Identity Identity::FromSeed(const std::array<uint8_t, 32>& seed) {
   PeerId::Bytes public_key;
   crypto_sign_seed_keypair(public_key.data(), identity.sign_secret_.data(), seed.data());
   identity.peer_id_ = PeerId(public_key);
-  // Both conversions succeed for keys made by crypto_sign_seed_keypair.
-  crypto_sign_ed25519_pk_to_curve25519(identity.curve_public_.data(), public_key.data());
-  crypto_sign_ed25519_sk_to_curve25519(identity.curve_secret_.data(),
-                                       identity.sign_secret_.data());
+  // Both conversions succeed for keys made by crypto_sign_seed_keypair; a failure is a libsodium bug.
+  if (crypto_sign_ed25519_pk_to_curve25519(identity.curve_public_.data(), public_key.data()) != 0 ||
+      crypto_sign_ed25519_sk_to_curve25519(identity.curve_secret_.data(),
+                                           identity.sign_secret_.data()) != 0) {
+    throw std::runtime_error("libsodium could not map an Ed25519 key to X25519");
+  }
   return identity;
 }
 

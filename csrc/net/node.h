@@ -88,7 +88,8 @@ class Stream {
   virtual void Cancel() = 0;
 };
 
-// Calls the handler must answer exactly once, from any thread, possibly after returning.
+// Calls the handler must answer exactly once, from any thread, possibly after returning. Answers
+// after the caller gave up, or after this node shut down, are dropped.
 using Responder = std::function<void(Result<Message>)>;
 using UnaryHandler = std::function<void(const CallContext&, Message request, Responder respond)>;
 // Runs on a thread of its own. The returned status ends the stream for the caller.
@@ -112,7 +113,9 @@ class Node {
   virtual void RegisterStream(const std::string& method, StreamHandler handler) = 0;
 
   // Sends `request` to `peer` and completes with the reply or an error. The future's Cancel()
-  // cancels the call on both sides. With no endpoints in `peer`, uses an existing connection to it.
+  // cancels the call on both sides. A live connection to `peer.peer_id` is reused whatever the
+  // endpoints say (it is already authenticated); otherwise the endpoints are dialed in order, or,
+  // when there are none, addresses this peer announced earlier.
   virtual Future<Message> Call(const PeerAddress& peer, const std::string& method, Message request,
                                CallOptions options = {}) = 0;
   virtual std::shared_ptr<Stream> OpenStream(const PeerAddress& peer, const std::string& method,
