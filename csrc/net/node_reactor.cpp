@@ -270,9 +270,10 @@ void NodeImpl::HandleFrames(Link& link, std::vector<zmq::message_t>& frames) {
   // Every message with payload bytes used one unit of the sender's credit; give it back whatever
   // becomes of the message, or an honest sender would stall.
   if (frames.size() > 1) ++link.credit_to_return;
+  // The socket's message size cap bounds what is parsed here; the header limit is checked after
+  // parsing so that the caller hears why its message was refused.
   wire::Envelope envelope;
-  if (frames[0].size() > options_.max_header_bytes + 4096 ||
-      !envelope.ParseFromArray(frames[0].data(), static_cast<int>(frames[0].size()))) {
+  if (!envelope.ParseFromArray(frames[0].data(), static_cast<int>(frames[0].size()))) {
     HM_LOG(kWarning) << "dropped a malformed message from " << link.peer.ToString();
     return;
   }
@@ -406,7 +407,7 @@ void NodeImpl::HandleMessage(Link& link, wire::Envelope envelope,
   copy_for_refusal.set_call_id(envelope.call_id());
   copy_for_refusal.set_from_caller(envelope.from_caller());
   copy_for_refusal.set_method(envelope.method());
-  auto assembly = Reassembly::Start(std::move(envelope), frames, options_.max_message_bytes);
+  auto assembly = Reassembly::Start(std::move(envelope), frames, limits_);
   if (!assembly.ok()) {
     RefuseMessage(link, copy_for_refusal, assembly.status());
     if (chunks > 1) link.pending[key] = Link::Pending{std::nullopt, chunks - 1};

@@ -88,8 +88,15 @@ std::vector<zmq::message_t> OutgoingMessage::NextChunk() {
 }
 
 Result<Reassembly> Reassembly::Start(wire::Envelope envelope, std::vector<zmq::message_t>& frames,
-                                     size_t max_message_bytes) {
+                                     const MessageLimits& limits) {
+  const size_t max_message_bytes = limits.max_message_bytes;
   Reassembly assembly;
+  if (envelope.header().size() > limits.max_header_bytes) {
+    return Status(StatusCode::kResourceExhausted,
+                  "message header of " + std::to_string(envelope.header().size()) +
+                      " bytes exceeds this node's max_header_bytes (" +
+                      std::to_string(limits.max_header_bytes) + ")");
+  }
   if (envelope.payload_sizes_size() > static_cast<int>(kMaxPayloadsPerMessage)) {
     return Status(StatusCode::kResourceExhausted,
                   "message has " + std::to_string(envelope.payload_sizes_size()) +

@@ -59,7 +59,7 @@ class Reassembly {
  public:
   // Starts from the first ZeroMQ message; `frames[0]` is the envelope already parsed as `envelope`.
   static Result<Reassembly> Start(wire::Envelope envelope, std::vector<zmq::message_t>& frames,
-                                  size_t max_message_bytes);
+                                  const MessageLimits& limits);
 
   // Adds a CONTINUATION message (`frames[0]` is its envelope).
   Status Continue(const wire::Envelope& continuation, std::vector<zmq::message_t>& frames);
