@@ -37,7 +37,8 @@ class Promise {
 
   Future<T> future() const { return Future<T>(state_); }
 
-  // Stores the result and runs the callbacks on this thread. Returns false if a result was already set.
+  // Stores the result and runs the callbacks on this thread. Returns false if a result was already
+  // set.
   bool Set(Result<T> result) const {
     std::vector<std::function<void(const Result<T>&)>> callbacks;
     {
@@ -82,7 +83,8 @@ class Future {
     return state_->result.has_value();
   }
 
-  // Blocks until the result is set. Every producer in this project sets a result before its deadline.
+  // Blocks until the result is set. Every producer in this project sets a result before its
+  // deadline.
   const Result<T>& Wait() const {
     std::unique_lock<std::mutex> lock(state_->mutex);
     state_->ready_cv.wait(lock, [&] { return state_->result.has_value(); });
@@ -99,8 +101,8 @@ class Future {
     return *state_->result;
   }
 
-  // Runs `callback` once with the result: now, on this thread, if it is already set; otherwise on the
-  // thread that sets it. Callbacks must not block for long.
+  // Runs `callback` once with the result: now, on this thread, if it is already set; otherwise on
+  // the thread that sets it. Callbacks must not block for long.
   void OnReady(std::function<void(const Result<T>&)> callback) const {
     {
       std::lock_guard<std::mutex> lock(state_->mutex);

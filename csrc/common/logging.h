@@ -7,7 +7,8 @@ namespace hivemind {
 
 enum class LogLevel { kDebug = 0, kInfo = 1, kWarning = 2, kError = 3, kOff = 4 };
 
-// The threshold comes from HIVEMIND_LOG_LEVEL (DEBUG, INFO, WARNING, ERROR, OFF); WARNING by default.
+// The threshold comes from HIVEMIND_LOG_LEVEL (DEBUG, INFO, WARNING, ERROR, OFF); WARNING by
+// default.
 LogLevel CurrentLogLevel();
 void SetLogLevel(LogLevel level);
 void WriteLogLine(LogLevel level, const char* file, int line, const std::string& text);
@@ -15,9 +16,9 @@ void WriteLogLine(LogLevel level, const char* file, int line, const std::string&
 }  // namespace hivemind
 
 // HM_LOG(kInfo) << "joined " << peer;  The stream is only evaluated when the level is enabled.
-#define HM_LOG(level)                                                       \
-  if (::hivemind::LogLevel::level < ::hivemind::CurrentLogLevel()) {       \
-  } else                                                                    \
+#define HM_LOG(level)                                                \
+  if (::hivemind::LogLevel::level < ::hivemind::CurrentLogLevel()) { \
+  } else                                                             \
     ::hivemind::detail_log::LogLine(::hivemind::LogLevel::level, __FILE__, __LINE__).stream()
 
 namespace hivemind::detail_log {

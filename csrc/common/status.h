@@ -10,16 +10,16 @@ namespace hivemind {
 // Error categories shared by every layer. Remote errors keep the code the remote handler chose.
 enum class StatusCode {
   kOk = 0,
-  kCancelled,          // the caller or the node gave up on the operation
-  kInvalidArgument,    // malformed request, bad address, bad configuration
-  kDeadlineExceeded,   // the operation's deadline passed
-  kNotFound,           // unknown method, missing record or file
-  kPermissionDenied,   // authentication or authorization failed
-  kResourceExhausted,  // a size, count or memory limit was hit
-  kFailedPrecondition, // the operation is not valid in the current state
-  kUnavailable,        // the peer is unreachable, disconnected or dead
-  kInternal,           // a bug or an unexpected condition (for example a handler threw)
-  kProtocolError,      // the peer sent something that violates the wire protocol
+  kCancelled,           // the caller or the node gave up on the operation
+  kInvalidArgument,     // malformed request, bad address, bad configuration
+  kDeadlineExceeded,    // the operation's deadline passed
+  kNotFound,            // unknown method, missing record or file
+  kPermissionDenied,    // authentication or authorization failed
+  kResourceExhausted,   // a size, count or memory limit was hit
+  kFailedPrecondition,  // the operation is not valid in the current state
+  kUnavailable,         // the peer is unreachable, disconnected or dead
+  kInternal,            // a bug or an unexpected condition (for example a handler threw)
+  kProtocolError,       // the peer sent something that violates the wire protocol
 };
 
 const char* StatusCodeName(StatusCode code);

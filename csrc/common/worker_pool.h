@@ -9,8 +9,8 @@
 
 namespace hivemind {
 
-// A fixed set of threads running posted tasks in FIFO order. Keeps CPU work and user callbacks off the
-// reactor thread, which must never block.
+// A fixed set of threads running posted tasks in FIFO order. Keeps CPU work and user callbacks off
+// the reactor thread, which must never block.
 class WorkerPool {
  public:
   explicit WorkerPool(int threads);

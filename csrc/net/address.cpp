@@ -26,7 +26,8 @@ Status Malformed(std::string_view text, const std::string& why) {
 }
 
 // Parses the first four components (/proto/host/tcp/port) of `parts`.
-Result<Endpoint> ParseEndpointParts(std::string_view text, const std::vector<std::string_view>& parts) {
+Result<Endpoint> ParseEndpointParts(std::string_view text,
+                                    const std::vector<std::string_view>& parts) {
   if (text.empty() || text[0] != '/') return Malformed(text, "a multiaddr starts with '/'");
   if (parts.size() < 4) return Malformed(text, "it needs a host and a /tcp/ port");
   Endpoint endpoint;
@@ -37,13 +38,15 @@ Result<Endpoint> ParseEndpointParts(std::string_view text, const std::vector<std
     endpoint.kind = Endpoint::Kind::kIp4;
   } else if (parts[0] == "ip6") {
     in6_addr ignored;
-    if (inet_pton(AF_INET6, host.c_str(), &ignored) != 1) return Malformed(text, "bad IPv6 address");
+    if (inet_pton(AF_INET6, host.c_str(), &ignored) != 1)
+      return Malformed(text, "bad IPv6 address");
     endpoint.kind = Endpoint::Kind::kIp6;
   } else if (parts[0] == "dns" || parts[0] == "dns4" || parts[0] == "dns6") {
     if (host.empty()) return Malformed(text, "empty host name");
     endpoint.kind = Endpoint::Kind::kDns;
   } else {
-    return Malformed(text, "unknown protocol '" + std::string(parts[0]) + "' (use ip4, ip6 or dns)");
+    return Malformed(text,
+                     "unknown protocol '" + std::string(parts[0]) + "' (use ip4, ip6 or dns)");
   }
   endpoint.host = host;
   if (parts[2] != "tcp") return Malformed(text, "only /tcp/ transports are supported");

@@ -54,7 +54,8 @@ std::optional<std::string> Base58Decode(std::string_view text) {
     }
   }
   std::string decoded(leading_ones, '\0');
-  for (auto it = bytes.rbegin(); it != bytes.rend(); ++it) decoded.push_back(static_cast<char>(*it));
+  for (auto it = bytes.rbegin(); it != bytes.rend(); ++it)
+    decoded.push_back(static_cast<char>(*it));
   return decoded;
 }
 

@@ -10,7 +10,8 @@
 namespace hivemind::net {
 
 // How other threads hand work to a reactor thread: a locked queue plus an eventfd that the reactor
-// polls next to its sockets. Once closed, posts are refused so nothing runs after the reactor is gone.
+// polls next to its sockets. Once closed, posts are refused so nothing runs after the reactor is
+// gone.
 class CommandQueue {
  public:
   CommandQueue() : fd_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {}

@@ -36,7 +36,8 @@ Identity Identity::FromSeed(const std::array<uint8_t, 32>& seed) {
   PeerId::Bytes public_key;
   crypto_sign_seed_keypair(public_key.data(), identity.sign_secret_.data(), seed.data());
   identity.peer_id_ = PeerId(public_key);
-  // Both conversions succeed for keys made by crypto_sign_seed_keypair; a failure is a libsodium bug.
+  // Both conversions succeed for keys made by crypto_sign_seed_keypair; a failure is a libsodium
+  // bug.
   if (crypto_sign_ed25519_pk_to_curve25519(identity.curve_public_.data(), public_key.data()) != 0 ||
       crypto_sign_ed25519_sk_to_curve25519(identity.curve_secret_.data(),
                                            identity.sign_secret_.data()) != 0) {
@@ -63,7 +64,8 @@ Result<Identity> Identity::Load(const std::string& path) {
     std::snprintf(mode, sizeof(mode), "%04o", static_cast<unsigned>(info.st_mode & 07777));
     return Status(StatusCode::kPermissionDenied, "identity file " + path + " has mode " + mode +
                                                      ", so others may read the secret key; run "
-                                                     "'chmod 600 " + path + "'");
+                                                     "'chmod 600 " +
+                                                     path + "'");
   }
   std::ifstream file(path);
   std::string tag, seed_text, extra;
@@ -88,17 +90,18 @@ Status Identity::Save(const std::string& path) const {
     return Status(StatusCode::kInvalidArgument,
                   "cannot write identity file " + temporary + ": " + ErrnoText());
   }
-  std::string text = std::string(kFileTag) + " " +
-                     Base58Encode(std::string_view(reinterpret_cast<const char*>(seed_.data()),
-                                                   seed_.size())) +
-                     "\n";
+  std::string text =
+      std::string(kFileTag) + " " +
+      Base58Encode(std::string_view(reinterpret_cast<const char*>(seed_.data()), seed_.size())) +
+      "\n";
   bool written = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
   written = (::fsync(fd) == 0) && written;
   ::close(fd);
   if (!written || ::rename(temporary.c_str(), path.c_str()) != 0) {
     std::string error = ErrnoText();
     ::unlink(temporary.c_str());
-    return Status(StatusCode::kInvalidArgument, "cannot write identity file " + path + ": " + error);
+    return Status(StatusCode::kInvalidArgument,
+                  "cannot write identity file " + path + ": " + error);
   }
   return Status::Ok();
 }
@@ -120,8 +123,7 @@ std::string Identity::Sign(std::string_view message) const {
   return signature;
 }
 
-bool Identity::Verify(const PeerId& signer, std::string_view message,
-                      std::string_view signature) {
+bool Identity::Verify(const PeerId& signer, std::string_view message, std::string_view signature) {
   EnsureSodiumInitialized();
   if (signature.size() != crypto_sign_BYTES) return false;
   return crypto_sign_verify_detached(reinterpret_cast<const unsigned char*>(signature.data()),

@@ -10,8 +10,8 @@
 
 namespace hivemind::net {
 
-// A peer's long-term key pair. Ed25519 signs (DHT records); the same key mapped to X25519 encrypts and
-// authenticates links (CURVE). Ephemeral unless saved to an identity file.
+// A peer's long-term key pair. Ed25519 signs (DHT records); the same key mapped to X25519 encrypts
+// and authenticates links (CURVE). Ephemeral unless saved to an identity file.
 class Identity {
  public:
   // A fresh random key pair.
@@ -45,6 +45,7 @@ class Identity {
 }  // namespace hivemind::net
 
 namespace hivemind::net {
-// libsodium must be initialized once per process before any key operation; cheap after the first call.
+// libsodium must be initialized once per process before any key operation; cheap after the first
+// call.
 void EnsureSodiumInitialized();
 }  // namespace hivemind::net

@@ -1,7 +1,5 @@
 #pragma once
 
-#include <zmq.hpp>
-
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -10,6 +8,7 @@
 #include <optional>
 #include <string>
 #include <vector>
+#include <zmq.hpp>
 
 #include "net/address.h"
 #include "net/peer_id.h"

@@ -24,13 +24,14 @@ struct NodeOptions {
   std::optional<Identity> identity;
   // Multiaddrs to listen on; port 0 picks a free port. Ignored in client mode.
   std::vector<std::string> listen_addresses = {"/ip4/0.0.0.0/tcp/0"};
-  // Multiaddrs to tell others instead of the listen addresses (NAT, port forwarding). Without /p2p/.
+  // Multiaddrs to tell others instead of the listen addresses (NAT, port forwarding). Without
+  // /p2p/.
   std::vector<std::string> announce_addresses;
   // A client-mode node accepts no inbound connections; it calls others, and gets replies and
   // streams back (and can be called back) over its own outbound connections.
   bool client_mode = false;
-  // CURVE encryption + authentication of every link. Turn off only inside a trusted cluster: peer ids
-  // are then taken on trust. Both sides of a link must agree.
+  // CURVE encryption + authentication of every link. Turn off only inside a trusted cluster: peer
+  // ids are then taken on trust. Both sides of a link must agree.
   bool encryption = true;
 
   Milliseconds default_call_timeout{30000};
@@ -44,8 +45,8 @@ struct NodeOptions {
   size_t max_message_bytes = size_t{1} << 30;
   // Largest serialized header of one message.
   size_t max_header_bytes = size_t{4} << 20;
-  // Payloads are cut into chunks of this size; at most `link_window_chunks` chunks per connection are
-  // in flight, so memory per connection stays bounded whatever the sender does.
+  // Payloads are cut into chunks of this size; at most `link_window_chunks` chunks per connection
+  // are in flight, so memory per connection stays bounded whatever the sender does.
   size_t chunk_bytes = size_t{4} << 20;
   int link_window_chunks = 8;
   // How many unread messages a stream buffers before its writer has to wait.
@@ -64,7 +65,7 @@ struct CallOptions {
 
 // What a handler knows about the call it serves.
 struct CallContext {
-  PeerId peer;                 // authenticated when encryption is on
+  PeerId peer;  // authenticated when encryption is on
   std::string method;
   std::chrono::steady_clock::time_point deadline;
   std::shared_ptr<const std::atomic<bool>> cancelled;  // set when the caller cancels or goes away
@@ -73,7 +74,8 @@ struct CallContext {
 };
 
 // A bidirectional stream of messages. Thread-safe. Writes are flow-controlled: a write's future
-// completes once the message is handed to the connection; it waits while the reader's window is full.
+// completes once the message is handed to the connection; it waits while the reader's window is
+// full.
 class Stream {
  public:
   virtual ~Stream() = default;

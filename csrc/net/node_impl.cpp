@@ -1,8 +1,8 @@
 #include "net/node_impl.h"
 
+#include <arpa/inet.h>
 #include <ifaddrs.h>
 #include <netinet/in.h>
-#include <arpa/inet.h>
 #include <sodium.h>
 
 #include <algorithm>
@@ -184,8 +184,8 @@ NodeImpl::TimePoint NodeImpl::DeadlineFor(const CallOptions& options) const {
   return Clock::now() + TimeoutFor(options);
 }
 
-Future<Message> NodeImpl::Call(const PeerAddress& peer, const std::string& method,
-                               Message request, CallOptions options) {
+Future<Message> NodeImpl::Call(const PeerAddress& peer, const std::string& method, Message request,
+                               CallOptions options) {
   Status size = limits_.Check(request);
   if (!size.ok()) return Future<Message>::Ready(size);
   Promise<Message> promise;
@@ -195,7 +195,8 @@ Future<Message> NodeImpl::Call(const PeerAddress& peer, const std::string& metho
                                  deadline = DeadlineFor(options), timeout = TimeoutFor(options)] {
     StartCall(call_id, peer, method, std::move(*shared), deadline, timeout, promise);
   });
-  if (!posted) return Future<Message>::Ready(Status(StatusCode::kCancelled, "the node is shut down"));
+  if (!posted)
+    return Future<Message>::Ready(Status(StatusCode::kCancelled, "the node is shut down"));
   promise.SetCanceller([this, call_id, queue = commands_] {
     queue->Post([this, call_id] {
       auto it = out_calls_.find(call_id);
@@ -218,13 +219,13 @@ std::shared_ptr<Stream> NodeImpl::OpenStream(const PeerAddress& peer, const std:
                                              CallOptions options) {
   uint64_t call_id = next_call_id_++;
   // The link id is filled in by the reactor; until then the stream only queues.
-  auto stream = std::make_shared<StreamImpl>(peer.peer_id, 0, call_id, true,
-                                             options_.stream_window_messages, commands_, pool_,
-                                             this, limits_);
-  bool posted = commands_->Post([this, stream, peer, method, deadline = DeadlineFor(options),
-                                 timeout = TimeoutFor(options)] {
-    StartStream(stream, peer, method, deadline, timeout);
-  });
+  auto stream =
+      std::make_shared<StreamImpl>(peer.peer_id, 0, call_id, true, options_.stream_window_messages,
+                                   commands_, pool_, this, limits_);
+  bool posted = commands_->Post(
+      [this, stream, peer, method, deadline = DeadlineFor(options), timeout = TimeoutFor(options)] {
+        StartStream(stream, peer, method, deadline, timeout);
+      });
   if (!posted) stream->Fail(Status(StatusCode::kCancelled, "the node is shut down"));
   return stream;
 }

@@ -1,7 +1,5 @@
 #pragma once
 
-#include <zmq.hpp>
-
 #include <atomic>
 #include <list>
 #include <map>
@@ -9,6 +7,7 @@
 #include <set>
 #include <thread>
 #include <unordered_map>
+#include <zmq.hpp>
 
 #include "common/worker_pool.h"
 #include "net/command_queue.h"
@@ -22,7 +21,8 @@ namespace hivemind::net {
 void ApplyConnectionOptions(zmq::socket_t& socket, const NodeOptions& options);
 
 // The Node: a reactor thread that owns every socket, a worker pool for handlers and completions,
-// and one thread per served stream. Everything below "reactor state" is touched only by the reactor.
+// and one thread per served stream. Everything below "reactor state" is touched only by the
+// reactor.
 class NodeImpl : public Node, public StreamTransport {
  public:
   NodeImpl(NodeOptions options, Identity identity);

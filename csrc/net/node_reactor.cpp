@@ -193,9 +193,7 @@ void NodeImpl::ReceiveFromLink(Link& link) {
 void NodeImpl::HandleZapRequest() {
   auto frames = ReceiveMultipart(*zap_);
   // RFC 27: version, request id, domain, address, routing id, mechanism, credentials...
-  auto text = [&](size_t i) {
-    return i < frames.size() ? frames[i].to_string() : std::string();
-  };
+  auto text = [&](size_t i) { return i < frames.size() ? frames[i].to_string() : std::string(); };
   std::string status = "400", reason = "only CURVE clients are accepted", user_id;
   if (frames.size() >= 7 && text(5) == "CURVE" && frames[6].size() == 32) {
     // Anyone may join the swarm; what matters is that the key is proven, so that the peer id
@@ -206,8 +204,8 @@ void NodeImpl::HandleZapRequest() {
   }
   std::vector<std::string> reply = {"1.0", text(1), status, reason, user_id, ""};
   for (size_t i = 0; i < reply.size(); ++i) {
-    zap_->send(zmq::buffer(reply[i]), i + 1 < reply.size() ? zmq::send_flags::sndmore
-                                                           : zmq::send_flags::none);
+    zap_->send(zmq::buffer(reply[i]),
+               i + 1 < reply.size() ? zmq::send_flags::sndmore : zmq::send_flags::none);
   }
 }
 
@@ -220,7 +218,8 @@ void NodeImpl::HandleMonitorEvent(zmq::socket_t& monitor, Link* link) {
   std::memcpy(&value, static_cast<const char*>(frames[0].data()) + 2, sizeof(value));
   std::string endpoint = frames[1].to_string();
 
-  if (link == nullptr) {  // the ROUTER: an inbound connection closed (peer died or heartbeat timeout)
+  if (link ==
+      nullptr) {  // the ROUTER: an inbound connection closed (peer died or heartbeat timeout)
     if (event != ZMQ_EVENT_DISCONNECTED) return;
     for (auto& [id, inbound] : links_) {
       if (!inbound->outbound && inbound->fd == static_cast<int>(value) &&
@@ -245,20 +244,24 @@ void NodeImpl::HandleMonitorEvent(zmq::socket_t& monitor, Link* link) {
     case ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL:
     case ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL:
     case ZMQ_EVENT_HANDSHAKE_FAILED_AUTH:
-      FailLink(*link, Status(StatusCode::kUnavailable,
-                             "the secure handshake with " + where + " failed: the peer there does "
-                             "not hold the key of " + link->peer.ToString() +
-                             ", or its encryption setting differs from ours"));
+      FailLink(*link,
+               Status(StatusCode::kUnavailable,
+                      "the secure handshake with " + where +
+                          " failed: the peer there does "
+                          "not hold the key of " +
+                          link->peer.ToString() + ", or its encryption setting differs from ours"));
       return;
     case ZMQ_EVENT_DISCONNECTED:
       if (link->state == Link::State::kReady) {
-        FailLink(*link,
-                 Status(StatusCode::kUnavailable, "peer " + link->peer.ToString() + " disconnected"));
+        FailLink(*link, Status(StatusCode::kUnavailable,
+                               "peer " + link->peer.ToString() + " disconnected"));
       } else {
         FailLink(*link, Status(StatusCode::kUnavailable,
-                               "the peer at " + where + " closed the connection during the "
-                               "handshake: it is not " + link->peer.ToString() +
-                               ", or its encryption setting differs from ours"));
+                               "the peer at " + where +
+                                   " closed the connection during the "
+                                   "handshake: it is not " +
+                                   link->peer.ToString() +
+                                   ", or its encryption setting differs from ours"));
       }
       return;
     default:
@@ -331,9 +334,9 @@ void NodeImpl::HandleHello(Link& link, const wire::Envelope& envelope) {
   } else if (options_.encryption) {
     auto curve = claimed->CurvePublicKey();
     if (!curve.ok() || Hex(curve->data(), curve->size()) != link.authenticated_key) {
-      refusal = Status(StatusCode::kPermissionDenied,
-                       "the connection claims to be peer " + claimed->ToString() +
-                           " but authenticated with another key");
+      refusal = Status(StatusCode::kPermissionDenied, "the connection claims to be peer " +
+                                                          claimed->ToString() +
+                                                          " but authenticated with another key");
     }
   }
   wire::Envelope ack;
@@ -460,8 +463,7 @@ void NodeImpl::HandleContinuation(Link& link, const wire::Envelope& envelope,
 }
 
 void NodeImpl::RefuseMessage(Link& link, const wire::Envelope& envelope, const Status& status) {
-  HM_LOG(kInfo) << "refused a message from " << link.peer.ToString() << ": "
-                   << status.ToString();
+  HM_LOG(kInfo) << "refused a message from " << link.peer.ToString() << ": " << status.ToString();
   uint64_t call_id = envelope.call_id();
   wire::Envelope reply;
   reply.set_call_id(call_id);
@@ -489,7 +491,8 @@ void NodeImpl::RefuseMessage(Link& link, const wire::Envelope& envelope, const S
       } else {
         auto it = out_streams_.find(call_id);
         if (it != out_streams_.end() && it->second.link_id == link.id) {
-          it->second.stream->Fail(status.WithContext("a message from peer " + link.peer.ToString()));
+          it->second.stream->Fail(
+              status.WithContext("a message from peer " + link.peer.ToString()));
           out_streams_.erase(it);
         }
         reply.set_kind(wire::CANCEL);
@@ -531,7 +534,8 @@ void NodeImpl::Dispatch(Link& link, const wire::Envelope& envelope, Message mess
       return;
     case wire::RESPONSE: {
       auto it = out_calls_.find(call_id);
-      if (it == out_calls_.end() || it->second.link_id != link.id) return;  // timed out or cancelled
+      if (it == out_calls_.end() || it->second.link_id != link.id)
+        return;  // timed out or cancelled
       Status remote = FromWire(envelope.status());
       if (!remote.ok()) {
         CompleteOutCall(call_id, remote.WithContext("'" + it->second.method + "' on peer " +
@@ -577,7 +581,8 @@ void NodeImpl::DispatchRequest(Link& link, const wire::Envelope& envelope, Messa
                        answered](Result<Message> result) {
     if (answered->exchange(true)) return;  // only the first answer counts
     auto shared = std::make_shared<Result<Message>>(std::move(result));
-    queue->Post([this, link_id, call_id, shared] { Respond(link_id, call_id, std::move(*shared)); });
+    queue->Post(
+        [this, link_id, call_id, shared] { Respond(link_id, call_id, std::move(*shared)); });
   };
   auto request = std::make_shared<Message>(std::move(message));
   pool_->Post([handler, context, request, respond] {
@@ -607,16 +612,16 @@ void NodeImpl::DispatchStreamOpen(Link& link, const wire::Envelope& envelope) {
     if (it != stream_handlers_.end()) handler = it->second;
   }
   if (!handler) {
-    RefuseMessage(link, envelope,
-                  Status(StatusCode::kNotFound, "no stream method '" + envelope.method() + "' here"));
+    RefuseMessage(
+        link, envelope,
+        Status(StatusCode::kNotFound, "no stream method '" + envelope.method() + "' here"));
     return;
   }
   auto timeout = envelope.timeout_ms() > 0 ? Milliseconds(envelope.timeout_ms())
                                            : options_.default_call_timeout;
-  auto stream = std::make_shared<StreamImpl>(link.peer, link.id, envelope.call_id(), false,
-                                             options_.stream_window_messages, commands_, pool_,
-                                             this, MessageLimits{options_.max_header_bytes,
-                                                                 options_.max_message_bytes});
+  auto stream = std::make_shared<StreamImpl>(
+      link.peer, link.id, envelope.call_id(), false, options_.stream_window_messages, commands_,
+      pool_, this, MessageLimits{options_.max_header_bytes, options_.max_message_bytes});
   ServedStream served{stream, Clock::now() + timeout, std::make_shared<std::atomic<bool>>(false)};
   served_streams_[{link.id, envelope.call_id()}] = served;
   ++link.inbound_streams;
@@ -964,7 +969,8 @@ void NodeImpl::ReturnCredit(Link& link) {
 void NodeImpl::StartCall(uint64_t call_id, PeerAddress peer, std::string method, Message request,
                          TimePoint deadline, Milliseconds timeout, Promise<Message> promise) {
   if (stopping_) {
-    pool_->Post([promise] { promise.Set(Status(StatusCode::kCancelled, "the node is shut down")); });
+    pool_->Post(
+        [promise] { promise.Set(Status(StatusCode::kCancelled, "the node is shut down")); });
     return;
   }
   auto link = LinkFor(peer);
@@ -979,14 +985,14 @@ void NodeImpl::StartCall(uint64_t call_id, PeerAddress peer, std::string method,
   envelope.set_call_id(call_id);
   envelope.set_from_caller(true);
   envelope.set_method(method);
-  envelope.set_timeout_ms(static_cast<uint32_t>(
-      std::max<long long>(1, MillisecondsBetween(Clock::now(), deadline))));
+  envelope.set_timeout_ms(
+      static_cast<uint32_t>(std::max<long long>(1, MillisecondsBetween(Clock::now(), deadline))));
   envelope.set_header(std::move(request.header));
   Enqueue(**link, std::move(envelope), std::move(request.payloads));
 }
 
-void NodeImpl::StartStream(std::shared_ptr<StreamImpl> stream, PeerAddress peer,
-                           std::string method, TimePoint deadline, Milliseconds timeout) {
+void NodeImpl::StartStream(std::shared_ptr<StreamImpl> stream, PeerAddress peer, std::string method,
+                           TimePoint deadline, Milliseconds timeout) {
   if (stopping_) {
     stream->Fail(Status(StatusCode::kCancelled, "the node is shut down"));
     return;
@@ -1002,8 +1008,8 @@ void NodeImpl::StartStream(std::shared_ptr<StreamImpl> stream, PeerAddress peer,
   envelope.set_call_id(stream->call_id());
   envelope.set_from_caller(true);
   envelope.set_method(method);
-  envelope.set_timeout_ms(static_cast<uint32_t>(
-      std::max<long long>(1, MillisecondsBetween(Clock::now(), deadline))));
+  envelope.set_timeout_ms(
+      static_cast<uint32_t>(std::max<long long>(1, MillisecondsBetween(Clock::now(), deadline))));
   Enqueue(**link, std::move(envelope), {});
 }
 
@@ -1140,11 +1146,10 @@ void NodeImpl::SweepTimers() {
       ++it;
       continue;
     }
-    it->second.stream->Fail(Status(StatusCode::kDeadlineExceeded,
-                                   "stream '" + it->second.method + "' to peer " +
-                                       it->second.stream->peer().ToString() + " passed its " +
-                                       std::to_string(it->second.timeout.count()) +
-                                       " ms deadline"));
+    it->second.stream->Fail(Status(
+        StatusCode::kDeadlineExceeded,
+        "stream '" + it->second.method + "' to peer " + it->second.stream->peer().ToString() +
+            " passed its " + std::to_string(it->second.timeout.count()) + " ms deadline"));
     if (Link* link = FindLink(it->second.link_id)) {
       wire::Envelope cancel;
       cancel.set_kind(wire::CANCEL);
@@ -1170,7 +1175,8 @@ void NodeImpl::SweepTimers() {
     }
   }
   for (auto& [id, link] : links_) {
-    if (link->outbound && link->state == Link::State::kConnecting && link->connect_deadline <= now) {
+    if (link->outbound && link->state == Link::State::kConnecting &&
+        link->connect_deadline <= now) {
       FailLink(*link, Status(StatusCode::kUnavailable,
                              "could not connect to peer " + link->peer.ToString() + " within " +
                                  std::to_string(options_.connect_timeout.count()) + " ms (" +

@@ -27,10 +27,9 @@ Result<PeerId> PeerId::FromString(std::string_view text) {
   }
   auto id = FromBytes(*decoded);
   if (!id.ok()) {
-    return Status(StatusCode::kInvalidArgument,
-                  "peer id '" + std::string(text) + "' decodes to " +
-                      std::to_string(decoded->size()) + " bytes, expected " +
-                      std::to_string(kSize));
+    return Status(StatusCode::kInvalidArgument, "peer id '" + std::string(text) + "' decodes to " +
+                                                    std::to_string(decoded->size()) +
+                                                    " bytes, expected " + std::to_string(kSize));
   }
   return id;
 }

@@ -53,7 +53,8 @@ class StreamImpl : public Stream, public std::enable_shared_from_this<StreamImpl
   // Fails every pending and future read and write with `status`. Any thread. Returns false if
   // the stream had already failed.
   bool Fail(const Status& status);
-  // The handler of a served stream returned `status`: close writes with it once queued writes leave.
+  // The handler of a served stream returned `status`: close writes with it once queued writes
+  // leave.
   void FinishFromHandler(const Status& status);
   bool finished_locally() const;
 

@@ -8,7 +8,9 @@
 namespace hivemind::net {
 namespace {
 
-void ReleaseOwner(void* /*data*/, void* hint) { delete static_cast<std::shared_ptr<const void>*>(hint); }
+void ReleaseOwner(void* /*data*/, void* hint) {
+  delete static_cast<std::shared_ptr<const void>*>(hint);
+}
 
 Status Violation(const std::string& why) { return Status(StatusCode::kProtocolError, why); }
 
@@ -21,15 +23,15 @@ Status MessageLimits::Check(const Message& message) const {
                       " bytes exceeds max_header_bytes (" + std::to_string(max_header_bytes) + ")");
   }
   if (message.payloads.size() > kMaxPayloadsPerMessage) {
-    return Status(StatusCode::kResourceExhausted,
-                  "a message may carry at most " + std::to_string(kMaxPayloadsPerMessage) +
-                      " payloads");
+    return Status(
+        StatusCode::kResourceExhausted,
+        "a message may carry at most " + std::to_string(kMaxPayloadsPerMessage) + " payloads");
   }
   size_t total = message.header.size() + message.PayloadBytes();
   if (total > max_message_bytes) {
-    return Status(StatusCode::kResourceExhausted,
-                  "message of " + std::to_string(total) + " bytes exceeds max_message_bytes (" +
-                      std::to_string(max_message_bytes) + ")");
+    return Status(StatusCode::kResourceExhausted, "message of " + std::to_string(total) +
+                                                      " bytes exceeds max_message_bytes (" +
+                                                      std::to_string(max_message_bytes) + ")");
   }
   return Status::Ok();
 }
@@ -53,8 +55,8 @@ OutgoingMessage::OutgoingMessage(wire::Envelope envelope, std::vector<Payload> p
     envelope_.add_payload_sizes(payload.size());
     total_bytes_ += payload.size();
   }
-  chunk_count_ = static_cast<uint32_t>(
-      std::max<size_t>(1, (total_bytes_ + chunk_bytes_ - 1) / chunk_bytes_));
+  chunk_count_ =
+      static_cast<uint32_t>(std::max<size_t>(1, (total_bytes_ + chunk_bytes_ - 1) / chunk_bytes_));
   envelope_.set_chunk_count(chunk_count_);
 }
 
@@ -100,7 +102,8 @@ Result<Reassembly> Reassembly::Start(wire::Envelope envelope, std::vector<zmq::m
   if (envelope.payload_sizes_size() > static_cast<int>(kMaxPayloadsPerMessage)) {
     return Status(StatusCode::kResourceExhausted,
                   "message has " + std::to_string(envelope.payload_sizes_size()) +
-                      " payloads, more than the limit of " + std::to_string(kMaxPayloadsPerMessage));
+                      " payloads, more than the limit of " +
+                      std::to_string(kMaxPayloadsPerMessage));
   }
   size_t total = envelope.header().size();
   for (uint64_t size : envelope.payload_sizes()) {

@@ -1,11 +1,10 @@
 #pragma once
 
-#include <zmq.hpp>
-
 #include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <vector>
+#include <zmq.hpp>
 
 #include "common/status.h"
 #include "net/message.h"
@@ -32,7 +31,8 @@ struct MessageLimits {
 zmq::message_t ZeroCopyFrame(const Payload& payload, size_t offset, size_t size);
 zmq::message_t SerializeFrame(const wire::Envelope& envelope);
 
-// One logical message on its way out, cut into ZeroMQ messages of at most `chunk_bytes` payload bytes.
+// One logical message on its way out, cut into ZeroMQ messages of at most `chunk_bytes` payload
+// bytes.
 class OutgoingMessage {
  public:
   OutgoingMessage(wire::Envelope envelope, std::vector<Payload> payloads, size_t chunk_bytes);

@@ -1,0 +1,9 @@
+"""hivemind_backend: decentralized deep learning as a PyTorch c10d backend over ZeroMQ."""
+
+import torch  # noqa: F401  (must be loaded first: _C links against libtorch and libtorch_python)
+
+from hivemind_backend import _C
+
+__version__: str = _C.version()
+
+__all__ = ["__version__"]
