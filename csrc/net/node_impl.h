@@ -91,7 +91,8 @@ class NodeImpl : public Node, public StreamTransport {
   void ReceiveFromRouter();
   void ReceiveFromLink(Link& link);
   void HandleZapRequest();
-  void HandleMonitorEvent(zmq::socket_t& monitor, Link* link);
+  // Handles one event; false when none was waiting.
+  bool HandleMonitorEvent(zmq::socket_t& monitor, Link* link);
   void HandleFrames(Link& link, std::vector<zmq::message_t>& frames);
   void HandleHello(Link& link, const wire::Envelope& envelope);
   void HandleHelloAck(Link& link, const wire::Envelope& envelope);

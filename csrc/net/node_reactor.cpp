@@ -95,8 +95,10 @@ void NodeImpl::PollOnce() {
   add(nullptr, commands_->fd(), ZMQ_POLLIN, 0);
   if (zap_) add(zap_->handle(), 0, ZMQ_POLLIN, 0);
   if (router_) {
-    add(router_->handle(), 0, ZMQ_POLLIN, 0);
+    // Disconnections first: a closed connection's file descriptor may already be reused by a new
+    // one whose messages wait on the ROUTER, and links are matched to these events by descriptor.
     add(router_monitor_->handle(), 0, ZMQ_POLLIN, 0);
+    add(router_->handle(), 0, ZMQ_POLLIN, 0);
   }
   bool router_blocked = false;
   for (auto& [id, link] : links_) {
@@ -127,7 +129,9 @@ void NodeImpl::PollOnce() {
       } else if (router_ && items[i].socket == router_->handle()) {
         ReceiveFromRouter();
       } else if (router_monitor_ && items[i].socket == router_monitor_->handle()) {
-        HandleMonitorEvent(*router_monitor_, nullptr);
+        for (int n = 0; n < kMaxMessagesPerPoll && HandleMonitorEvent(*router_monitor_, nullptr);
+             ++n) {
+        }
       }
       continue;
     }
@@ -209,9 +213,10 @@ void NodeImpl::HandleZapRequest() {
   }
 }
 
-void NodeImpl::HandleMonitorEvent(zmq::socket_t& monitor, Link* link) {
+bool NodeImpl::HandleMonitorEvent(zmq::socket_t& monitor, Link* link) {
   auto frames = ReceiveMultipart(monitor);
-  if (frames.size() < 2 || frames[0].size() < 6) return;
+  if (frames.empty()) return false;
+  if (frames.size() < 2 || frames[0].size() < 6) return true;
   uint16_t event;
   uint32_t value;
   std::memcpy(&event, frames[0].data(), sizeof(event));
@@ -220,7 +225,7 @@ void NodeImpl::HandleMonitorEvent(zmq::socket_t& monitor, Link* link) {
 
   if (link ==
       nullptr) {  // the ROUTER: an inbound connection closed (peer died or heartbeat timeout)
-    if (event != ZMQ_EVENT_DISCONNECTED) return;
+    if (event != ZMQ_EVENT_DISCONNECTED) return true;
     for (auto& [id, inbound] : links_) {
       if (!inbound->outbound && inbound->fd == static_cast<int>(value) &&
           inbound->state != Link::State::kDead) {
@@ -228,7 +233,7 @@ void NodeImpl::HandleMonitorEvent(zmq::socket_t& monitor, Link* link) {
                                   "peer " + inbound->peer.ToString() + " disconnected"));
       }
     }
-    return;
+    return true;
   }
   std::string where = link->endpoints[link->endpoint_index].ToString();
   switch (event) {
@@ -240,7 +245,7 @@ void NodeImpl::HandleMonitorEvent(zmq::socket_t& monitor, Link* link) {
         Status reconnected = ConnectToCurrentEndpoint(*link);
         if (!reconnected.ok()) FailLink(*link, reconnected);
       }
-      return;
+      return true;
     case ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL:
     case ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL:
     case ZMQ_EVENT_HANDSHAKE_FAILED_AUTH:
@@ -250,7 +255,7 @@ void NodeImpl::HandleMonitorEvent(zmq::socket_t& monitor, Link* link) {
                           " failed: the peer there does "
                           "not hold the key of " +
                           link->peer.ToString() + ", or its encryption setting differs from ours"));
-      return;
+      return true;
     case ZMQ_EVENT_DISCONNECTED:
       if (link->state == Link::State::kReady) {
         FailLink(*link, Status(StatusCode::kUnavailable,
@@ -263,9 +268,9 @@ void NodeImpl::HandleMonitorEvent(zmq::socket_t& monitor, Link* link) {
                                    link->peer.ToString() +
                                    ", or its encryption setting differs from ours"));
       }
-      return;
+      return true;
     default:
-      return;
+      return true;
   }
 }
 
