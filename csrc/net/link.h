@@ -35,8 +35,7 @@ struct Link {
   std::vector<Endpoint> endpoints;
   size_t endpoint_index = 0;
   std::chrono::steady_clock::time_point connect_deadline;
-  std::string connect_problem;  // why connecting has not worked yet, for the error message
-  bool blocked = false;         // the DEALER said EAGAIN: wait for POLLOUT
+  bool blocked = false;  // the DEALER said EAGAIN: wait for POLLOUT
 
   // Inbound.
   std::string routing_id;

@@ -238,12 +238,18 @@ bool NodeImpl::HandleMonitorEvent(zmq::socket_t& monitor, Link* link) {
   std::string where = link->endpoints[link->endpoint_index].ToString();
   switch (event) {
     case ZMQ_EVENT_CONNECT_RETRIED:
-      link->connect_problem = "nothing accepted the connection at " + where;
-      if (link->state == Link::State::kConnecting &&
-          link->endpoint_index + 1 < link->endpoints.size()) {
+      // The connection was refused or unreachable. Try the next address; after the last one, fail
+      // now rather than at connect_timeout: a dead peer's address is refused at once, and callers
+      // (DHT lookups above all) must not wait seconds to learn it.
+      if (link->state != Link::State::kConnecting) return true;
+      if (link->endpoint_index + 1 < link->endpoints.size()) {
         ++link->endpoint_index;
         Status reconnected = ConnectToCurrentEndpoint(*link);
         if (!reconnected.ok()) FailLink(*link, reconnected);
+      } else {
+        FailLink(*link, Status(StatusCode::kUnavailable,
+                               "cannot connect to peer " + link->peer.ToString() +
+                                   ": nothing accepts connections at " + where));
       }
       return true;
     case ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL:
@@ -735,7 +741,6 @@ Result<Link*> NodeImpl::Dial(const PeerId& peer, std::vector<Endpoint> endpoints
   link->endpoints = std::move(endpoints);
   link->send_credit = options_.link_window_chunks;
   link->connect_deadline = Clock::now() + options_.connect_timeout;
-  link->connect_problem = "no answer";
   Status connected = ConnectToCurrentEndpoint(*link);
   if (!connected.ok()) return connected;
   Link* raw = link.get();
@@ -1183,9 +1188,9 @@ void NodeImpl::SweepTimers() {
     if (link->outbound && link->state == Link::State::kConnecting &&
         link->connect_deadline <= now) {
       FailLink(*link, Status(StatusCode::kUnavailable,
-                             "could not connect to peer " + link->peer.ToString() + " within " +
-                                 std::to_string(options_.connect_timeout.count()) + " ms (" +
-                                 link->connect_problem + ")"));
+                             "no answer from peer " + link->peer.ToString() + " at " +
+                                 link->endpoints[link->endpoint_index].ToString() + " within " +
+                                 std::to_string(options_.connect_timeout.count()) + " ms"));
     }
   }
   for (auto it = links_.begin(); it != links_.end();) {
