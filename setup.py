@@ -72,4 +72,5 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.5"],
     zip_safe=False,
+    entry_points={"console_scripts": ["hivemind-dht = hivemind_backend.cli.run_dht:main"]},
 )

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/version.h"
+#include "torch/hivemind_bindings.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hivemind_backend native core: a PyTorch c10d backend over ZeroMQ";
@@ -19,4 +20,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("zmq_version", &hivemind::ZmqVersion, "Version of the libzmq loaded in this process.");
   m.def("sodium_version", &hivemind::SodiumVersion,
         "Version of the libsodium loaded in this process.");
+  hivemind::python::RegisterDhtBindings(m);
 }

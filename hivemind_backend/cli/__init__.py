@@ -1,0 +1,1 @@
+"""Command-line tools: hivemind-dht (run_dht.py)."""
