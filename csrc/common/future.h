@@ -53,6 +53,28 @@ class Promise {
     return true;
   }
 
+  // Like Set, but callbacks run through `post` (for example a worker pool) instead of on this
+  // thread. When nobody registered a callback, only waiters are woken, here and now: a thread that
+  // must never run user code (a reactor) completes futures without an extra thread hop.
+  template <class Post>
+  bool SetWithCallbacksOn(Result<T> result, Post&& post) const {
+    std::vector<std::function<void(const Result<T>&)>> callbacks;
+    {
+      std::lock_guard<std::mutex> lock(state_->mutex);
+      if (state_->result) return false;
+      state_->result.emplace(std::move(result));
+      callbacks.swap(state_->callbacks);
+      state_->canceller = nullptr;
+    }
+    state_->ready_cv.notify_all();
+    if (!callbacks.empty()) {
+      post([state = state_, callbacks = std::move(callbacks)] {
+        for (auto& callback : callbacks) callback(*state->result);
+      });
+    }
+    return true;
+  }
+
   // What Future::Cancel() asks the producer to do (for example, tell the remote peer to stop).
   void SetCanceller(std::function<void()> canceller) const {
     std::lock_guard<std::mutex> lock(state_->mutex);

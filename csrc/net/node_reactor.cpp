@@ -1028,8 +1028,8 @@ void NodeImpl::CompleteOutCall(uint64_t call_id, Result<Message> result) {
   if (it == out_calls_.end()) return;
   Promise<Message> promise = it->second.promise;
   out_calls_.erase(it);
-  auto shared = std::make_shared<Result<Message>>(std::move(result));
-  pool_->Post([promise, shared] { promise.Set(std::move(*shared)); });
+  promise.SetWithCallbacksOn(std::move(result),
+                             [pool = pool_](std::function<void()> task) { pool->Post(task); });
 }
 
 void NodeImpl::Respond(uint64_t link_id, uint64_t call_id, Result<Message> result) {
