@@ -250,6 +250,8 @@ void DhtRunner::Shutdown() { impl_->Shutdown(); }
 
 bool DhtRunner::is_running() const { return impl_->Dht() != nullptr; }
 
+net::Node& DhtRunner::node() { return *impl_->node; }
+
 bool DhtRunner::client_mode() const { return impl_->options.client_mode; }
 
 std::string DhtRunner::peer_id() const { return impl_->peer_id; }

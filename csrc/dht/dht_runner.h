@@ -17,6 +17,7 @@
 #include "common/future.h"
 #include "common/status.h"
 #include "dht/clock.h"
+#include "net/node.h"
 
 namespace hivemind::dht {
 
@@ -131,6 +132,9 @@ class DhtRunner {
   // "[owner:<peer id>]": put it in a key or subkey to make records only this node can write.
   std::string owner_marker() const;
   DhtRunnerStats Stats() const;
+  // The node the DHT runs on, for other services of the same peer (averaging, state transfer) to
+  // register their methods on and call through: one identity and one connection per peer pair.
+  net::Node& node();
   bool client_mode() const;
   bool is_running() const;
 
