@@ -34,6 +34,8 @@ struct Link {
   std::unique_ptr<zmq::socket_t> monitor;
   std::vector<Endpoint> endpoints;
   size_t endpoint_index = 0;
+  int connection_attempts = 0;
+  int handshake_disconnects = 0;  // connections closed before HELLO_ACK
   std::chrono::steady_clock::time_point connect_deadline;
   bool blocked = false;  // the DEALER said EAGAIN: wait for POLLOUT
 

@@ -116,8 +116,10 @@ Status NodeImpl::Open() {
         int enforce = 1;
         zmq_setsockopt(router_->handle(), ZMQ_ZAP_ENFORCE_DOMAIN, &enforce, sizeof(enforce));
       }
-      zmq_socket_monitor(router_->handle(), "inproc://hivemind-router-monitor",
-                         ZMQ_EVENT_ACCEPTED | ZMQ_EVENT_DISCONNECTED);
+      if (zmq_socket_monitor(router_->handle(), "inproc://hivemind-router-monitor",
+                             ZMQ_EVENT_ACCEPTED | ZMQ_EVENT_DISCONNECTED) != 0) {
+        throw zmq::error_t();
+      }
       router_monitor_ = std::make_unique<zmq::socket_t>(context_, zmq::socket_type::pair);
       router_monitor_->connect("inproc://hivemind-router-monitor");
 

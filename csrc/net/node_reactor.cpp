@@ -15,6 +15,7 @@ using Clock = std::chrono::steady_clock;
 constexpr auto kSweepInterval = std::chrono::milliseconds(20);
 constexpr int kMaxMessagesPerPoll = 256;
 constexpr size_t kMaxAddressesPerPeer = 8;
+constexpr int kMaxHandshakeDisconnects = 3;
 
 std::string Hex(const void* data, size_t size) {
   std::string text(size * 2 + 1, '\0');
@@ -266,12 +267,17 @@ bool NodeImpl::HandleMonitorEvent(zmq::socket_t& monitor, Link* link) {
       if (link->state == Link::State::kReady) {
         FailLink(*link, Status(StatusCode::kUnavailable,
                                "peer " + link->peer.ToString() + " disconnected"));
+      } else if (++link->handshake_disconnects < kMaxHandshakeDisconnects) {
+        // Closed before HELLO_ACK: a listener that does not hold the expected key does this
+        // every time, but so can an overloaded one once. No call has been sent yet, so a fresh
+        // connection loses nothing.
+        Status reconnected = ConnectToCurrentEndpoint(*link);
+        if (!reconnected.ok()) FailLink(*link, reconnected);
       } else {
         FailLink(*link, Status(StatusCode::kUnavailable,
-                               "the peer at " + where +
-                                   " closed the connection during the "
-                                   "handshake: it is not " +
-                                   link->peer.ToString() +
+                               "the peer at " + where + " closed the connection during the " +
+                                   "handshake " + std::to_string(kMaxHandshakeDisconnects) +
+                                   " times: it is not " + link->peer.ToString() +
                                    ", or its encryption setting differs from ours"));
       }
       return true;
@@ -763,12 +769,16 @@ Status NodeImpl::ConnectToCurrentEndpoint(Link& link) {
       socket->set(zmq::sockopt::curve_secretkey,
                   zmq::const_buffer(identity_.curve_secret_key().data(), 32));
     }
+    // Unique per attempt: the previous attempt's monitor may still be bound while it closes.
     std::string monitor_name = "inproc://hivemind-monitor-" + std::to_string(link.id) + "-" +
-                               std::to_string(link.endpoint_index);
-    zmq_socket_monitor(socket->handle(), monitor_name.c_str(),
-                       ZMQ_EVENT_CONNECT_RETRIED | ZMQ_EVENT_DISCONNECTED |
-                           ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL |
-                           ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH);
+                               std::to_string(++link.connection_attempts);
+    if (zmq_socket_monitor(socket->handle(), monitor_name.c_str(),
+                           ZMQ_EVENT_CONNECT_RETRIED | ZMQ_EVENT_DISCONNECTED |
+                               ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL |
+                               ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                               ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) != 0) {
+      throw zmq::error_t();
+    }
     auto monitor = std::make_unique<zmq::socket_t>(context_, zmq::socket_type::pair);
     monitor->set(zmq::sockopt::linger, 0);
     monitor->connect(monitor_name);
