@@ -1,0 +1,1571 @@
+#include "averaging/allreduce.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <list>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <thread>
+#include <utility>
+
+#include "common/logging.h"
+#include "proto/averaging.pb.h"
+
+namespace hivemind::averaging {
+
+namespace {
+
+namespace wire = ::hivemind::averaging::wire;
+using Clock = std::chrono::steady_clock;
+using Millis = std::chrono::milliseconds;
+using net::Message;
+using net::Payload;
+using net::Stream;
+using ReadFuture = Future<std::optional<Message>>;
+
+Message Encode(const wire::AveragingHeader& header, std::vector<Payload> payloads = {}) {
+  return Message(header.SerializeAsString(), std::move(payloads));
+}
+
+// The floats of a payload. Received single-chunk payloads are 8-byte aligned and local ones come
+// from std::vector<float>, but a copy keeps an odd buffer from becoming undefined behaviour.
+const float* FloatsOf(const Payload& payload, std::vector<float>& scratch) {
+  if (reinterpret_cast<uintptr_t>(payload.data()) % alignof(float) == 0) {
+    return reinterpret_cast<const float*>(payload.data());
+  }
+  scratch.resize(payload.size() / sizeof(float));
+  std::memcpy(scratch.data(), payload.data(), scratch.size() * sizeof(float));
+  return scratch.data();
+}
+
+bool AllFinite(const Payload& payload) {
+  std::vector<float> scratch;
+  const float* values = FloatsOf(payload, scratch);
+  size_t count = payload.size() / sizeof(float);
+  for (size_t i = 0; i < count; ++i) {
+    if (!std::isfinite(values[i])) return false;
+  }
+  return true;
+}
+
+Status Refused(const std::string& why) { return Status(StatusCode::kFailedPrecondition, why); }
+Status Malformed(const std::string& why) { return Status(StatusCode::kInvalidArgument, why); }
+
+// Errors a reducer returns on purpose to a sender it refuses (rather than errors of a dead or
+// unreachable reducer): the sender must not treat them as the reducer's failure.
+bool IsRefusal(const Status& status) {
+  return status.code() == StatusCode::kFailedPrecondition ||
+         status.code() == StatusCode::kInvalidArgument ||
+         status.code() == StatusCode::kPermissionDenied;
+}
+
+// Only a transport-level failure counts as proof that a peer is gone. A timeout or a refusal may
+// come from a slow or misbehaving peer that is still alive and may hold results others need.
+bool ConfirmsDeath(const Status& status) { return status.code() == StatusCode::kUnavailable; }
+
+std::string Ms(Millis duration) { return std::to_string(duration.count()) + " ms"; }
+
+// One end of a stream that this peer reads from and writes to. The owning thread (a handler, the
+// round's caller or a takeover job) does every Read and Write; other threads only queue results
+// in `outbox` and read the flags, under the round's mutex.
+struct Channel {
+  std::shared_ptr<Stream> owned;  // streams this peer opened
+  Stream* stream = nullptr;       // valid while the owner thread runs
+  int member = -1;
+  ReadFuture pending;
+  bool read_ready = false;
+  bool read_closed = false;
+  std::deque<Message> outbox;
+  int attempts = 0;     // streams opened for this channel (retries after a failed connect)
+  size_t received = 0;  // messages read so far
+};
+
+// The transport can fail a stream with UNAVAILABLE although the peer is alive (seen under load:
+// two peers dialing each other at once, or a connect that times out). A stream that failed before
+// anything arrived is therefore opened again, a bounded number of times, before the peer is
+// treated as failed.
+constexpr int kMaxStreamAttempts = 3;
+bool ShouldRetry(const Status& status, const Channel& channel) {
+  return status.code() == StatusCode::kUnavailable && channel.received == 0 &&
+         channel.attempts < kMaxStreamAttempts;
+}
+
+enum class EntryKind { kNone, kContribution, kFinal, kAbsent };
+
+// What one source gave for one part.
+struct Entry {
+  EntryKind kind = EntryKind::kNone;
+  Payload values;
+  double weight = 0;
+  std::vector<int> contributors;  // kFinal only
+  int reduced_by = -1;            // kFinal only
+};
+
+struct Source {
+  bool expected = false;
+  bool excluded = false;
+  bool connected = false;
+  bool done_reading = false;
+  double weight = 0;
+  size_t delivered = 0;
+  Clock::time_point last_seen;
+};
+
+enum class PartState : uint8_t { kWaiting, kReducing, kDone, kAbandoned };
+
+// The reduction of one share at one chain position (0: the original reducer; >0: a backup).
+struct Reduction {
+  int share = -1;
+  size_t position = 0;
+  size_t first_part = 0;
+  Clock::time_point started;
+  Clock::time_point deadline;
+  std::vector<Source> sources;              // by member index
+  std::vector<std::vector<Entry>> entries;  // [part within share][member]
+  std::vector<PartState> state;
+  size_t terminal = 0;
+  std::map<int, std::shared_ptr<Channel>> sinks;  // who gets each RESULT
+  bool finished() const { return terminal == state.size(); }
+};
+
+// A member's view of one part of the result.
+struct PartView {
+  bool final = false;
+  Payload values;
+  std::vector<int> contributors;
+  int reduced_by = -1;
+};
+
+struct Computed {
+  size_t k = 0;
+  Payload values;
+  std::vector<int> contributors;
+  int reduced_by = -1;
+};
+
+}  // namespace
+
+class Round;
+
+class AllReduceService::Impl : public std::enable_shared_from_this<AllReduceService::Impl> {
+ public:
+  Impl(net::Node& node, AllReduceServiceOptions options) : node(node), options(options) {}
+
+  Status Serve(const net::CallContext& context, Stream& stream, wire::Kind expected);
+  Status Register(const std::shared_ptr<Round>& round);
+  std::shared_ptr<Round> WaitForRound(const std::string& id, Clock::time_point deadline);
+  void Spawn(std::function<void()> task);
+  void Stop();
+
+  std::string Method(const char* name) const { return options.method_prefix + "." + name; }
+
+  net::Node& node;
+  const AllReduceServiceOptions options;
+
+ private:
+  void SweepLocked();
+
+  std::mutex mutex_;
+  std::condition_variable registered_;
+  std::map<std::string, std::shared_ptr<Round>> rounds_;
+  bool stopping_ = false;
+
+  struct Worker {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
+  std::mutex workers_mutex_;
+  std::list<Worker> workers_;
+  bool workers_closed_ = false;
+};
+
+// One all-reduce round as seen by one member: its view of the result, the reductions it runs, and
+// the streams it serves. Lives until the round finished and its grace period passed, and as long
+// as any thread still uses it.
+class Round : public std::enable_shared_from_this<Round> {
+ public:
+  Round(AllReduceService::Impl& service, const Group& group, Partition partition,
+        const AllReduceOptions& options, double weight)
+      : service_(service.weak_from_this()),
+        node_(service.node),
+        methods_{service.Method("allreduce"), service.Method("collect"),
+                 service.Method("takeover")},
+        group_(group),
+        partition_(std::move(partition)),
+        options_(options),
+        digest_(group.Digest()),
+        me_(group.my_index),
+        n_(static_cast<int>(group.members.size())),
+        contributes_(group.members[group.my_index].contributes()),
+        weight_(weight),
+        reducer_order_(group.ReducerOrder()) {
+    start_ = Clock::now();
+    deadline_ = start_ + options.timeout;
+    view_.resize(partition_.parts().size());
+    owner_pos_.assign(n_, 0);
+    progress_.assign(n_, start_);
+  }
+
+  const std::string& id() const { return group_.id; }
+  bool ExpiredLocked(Clock::time_point now, Millis grace) const {
+    return finished_ && now >= finished_at_ + grace;
+  }
+  void Stop() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+    cv_.notify_all();
+  }
+
+  Result<AllReduceReport> Run(std::vector<float>& data);
+  Status ServeSender(const net::CallContext& context, Stream& stream,
+                     const wire::AveragingHeader& open);
+  Status ServeCollect(const net::CallContext& context, Stream& stream,
+                      const wire::AveragingHeader& collect);
+  Status ServeTakeover(Stream& stream, const wire::AveragingHeader& request);
+
+ private:
+  enum Method { kAllReduce, kCollect, kTakeover };
+
+  // ---- helpers (the *Locked ones need mutex_) ----
+  std::vector<int> Chain(int share) const {
+    std::vector<int> chain = {share};
+    auto it = std::find(reducer_order_.begin(), reducer_order_.end(), share);
+    size_t at = it == reducer_order_.end() ? 0 : it - reducer_order_.begin();
+    for (size_t i = 1; i < reducer_order_.size(); ++i) {
+      int candidate = reducer_order_[(at + i) % reducer_order_.size()];
+      if (candidate != share) chain.push_back(candidate);
+    }
+    return chain;
+  }
+  std::string Name(int member) const {
+    return "member " + std::to_string(member) + " (" +
+           group_.members[member].address.peer_id.ShortString() + ")";
+  }
+  void Notify(RoundEvent event, size_t part) {
+    if (options_.observer) options_.observer(event, part);
+  }
+  void NoteFailureLocked(int member, const std::string& why, bool dead) {
+    if (member == me_) return;
+    if (dead) dead_.insert(member);
+    if (failed_.insert(member).second) failures_.push_back(Name(member) + ": " + why);
+  }
+  bool ShareFinalLocked(int share) const {
+    size_t first = partition_.first_part(share);
+    for (size_t p = first; p < first + partition_.num_parts(share); ++p) {
+      if (!view_[p].final) return false;
+    }
+    return true;
+  }
+  bool DoneLocked() const {
+    if (contributes_) {
+      for (const auto& part : view_) {
+        if (!part.final) return false;
+      }
+      return true;
+    }
+    auto own = reductions_.find({me_, 0});
+    return own == reductions_.end() || own->second->finished() || owner_pos_[me_] != 0;
+  }
+  Status CheckHeader(const wire::AveragingHeader& header, const Stream& stream) const;
+  Status CheckResult(const wire::AveragingHeader& header, const Message& message, int share) const;
+  void ApplyResultLocked(int share, size_t position, const wire::AveragingHeader& header,
+                         Payload values);
+  void OwnerFailedLocked(int share, size_t position, const std::string& why, bool dead = false);
+  void StartTakeoverLocked(int share, size_t position);
+  void RunTakeover(std::shared_ptr<Reduction> reduction);
+  void RequestTakeover(int share, size_t position);
+  std::shared_ptr<Reduction> NewReductionLocked(int share, size_t position,
+                                                Clock::time_point deadline);
+  Entry LocalEntryLocked(size_t part) const;
+  void DeliverLocked(Reduction& reduction, int member, size_t k, Entry entry);
+  void ExcludeLocked(Reduction& reduction, int member, const std::string& why, bool dead);
+  void Pump(std::unique_lock<std::mutex>& lock, Reduction& reduction);
+  // Ends the waiting parts of reductions of `share` that this peer no longer owns.
+  void AbandonLocked(int share);
+  Computed Compute(const Reduction& reduction, size_t k, const std::vector<Entry>& entries) const;
+  void ArmRead(const std::shared_ptr<Channel>& channel);
+  void OpenSenderStream(int share, const std::shared_ptr<Channel>& channel);
+  void CheckTimersLocked(Clock::time_point now);
+  Status HandleForward(Reduction& reduction, int member, const Message& message);
+
+  std::weak_ptr<AllReduceService::Impl> service_;
+  net::Node& node_;
+  const std::string methods_[3];
+  const Group group_;
+  const Partition partition_;
+  const AllReduceOptions options_;
+  const std::string digest_;
+  const int me_;
+  const int n_;
+  const bool contributes_;
+  const double weight_;
+  const std::vector<int> reducer_order_;
+  Clock::time_point start_, deadline_;
+  std::shared_ptr<const std::vector<float>> input_;
+
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::vector<PartView> view_;
+  std::vector<size_t> owner_pos_;            // by share: the chain position this peer trusts
+  std::vector<Clock::time_point> progress_;  // by share: last result or owner change
+  std::set<int> dead_;                       // members known dead (not merely excluded)
+  std::set<int> failed_;                     // dead or excluded, for the report
+  std::vector<std::string> failures_;
+  std::optional<Status> fatal_;
+  std::map<std::pair<int, size_t>, std::shared_ptr<Reduction>> reductions_;
+  std::vector<std::shared_ptr<Channel>> channels_;           // kept alive with the round
+  std::map<int, std::shared_ptr<Channel>> sender_channels_;  // by share, read by Run()
+  bool finished_ = false;
+  bool stopping_ = false;
+  Clock::time_point finished_at_;
+  int takeovers_ = 0;
+
+  friend class AllReduceService::Impl;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Validation
+
+Status Round::CheckHeader(const wire::AveragingHeader& header, const Stream& stream) const {
+  if (header.group_digest() != digest_) {
+    return Refused("group description differs (members, modes or bandwidths)");
+  }
+  if (header.sender() >= static_cast<uint32_t>(n_)) {
+    return Malformed("sender index " + std::to_string(header.sender()) + " out of range");
+  }
+  int sender = static_cast<int>(header.sender());
+  if (sender == me_) return Malformed("a stream from myself");
+  if (stream.peer() != group_.members[sender].address.peer_id) {
+    return Status(StatusCode::kPermissionDenied,
+                  "peer " + stream.peer().ShortString() + " claims to be " + Name(sender));
+  }
+  return Status::Ok();
+}
+
+Status Round::CheckResult(const wire::AveragingHeader& header, const Message& message,
+                          int share) const {
+  size_t first = partition_.first_part(share);
+  if (header.part() < first || header.part() >= first + partition_.num_parts(share)) {
+    return Malformed("part " + std::to_string(header.part()) + " is not in the share of " +
+                     Name(share));
+  }
+  const Part& part = partition_.parts()[header.part()];
+  if (message.payloads.size() != 1 || message.payloads[0].size() != part.size * sizeof(float)) {
+    return Malformed("part " + std::to_string(header.part()) + " must be one payload of " +
+                     std::to_string(part.size * sizeof(float)) + " bytes");
+  }
+  if (header.reduced_by() >= static_cast<uint32_t>(n_)) return Malformed("bad reduced_by");
+  if (header.contributors_size() > n_) return Malformed("too many contributors");
+  uint32_t previous = 0;
+  for (int i = 0; i < header.contributors_size(); ++i) {
+    uint32_t c = header.contributors(i);
+    if (c >= static_cast<uint32_t>(n_) || !group_.members[c].contributes() ||
+        (i > 0 && c <= previous)) {
+      return Malformed("bad contributor list");
+    }
+    previous = c;
+  }
+  if (header.contributors_size() == 0) return Malformed("a result without contributors");
+  if (!AllFinite(message.payloads[0])) {
+    return Malformed("part " + std::to_string(header.part()) + " has non-finite values");
+  }
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reductions
+
+std::shared_ptr<Reduction> Round::NewReductionLocked(int share, size_t position,
+                                                     Clock::time_point deadline) {
+  auto reduction = std::make_shared<Reduction>();
+  reduction->share = share;
+  reduction->position = position;
+  reduction->first_part = partition_.first_part(share);
+  reduction->started = Clock::now();
+  reduction->deadline = deadline;
+  reduction->sources.resize(n_);
+  size_t parts = partition_.num_parts(share);
+  reduction->entries.assign(parts, std::vector<Entry>(n_));
+  reduction->state.assign(parts, PartState::kWaiting);
+  reductions_[{share, position}] = reduction;
+  return reduction;
+}
+
+Entry Round::LocalEntryLocked(size_t part) const {
+  Entry entry;
+  if (view_[part].final) {
+    entry.kind = EntryKind::kFinal;
+    entry.values = view_[part].values;
+    entry.contributors = view_[part].contributors;
+    entry.reduced_by = view_[part].reduced_by;
+  } else if (contributes_) {
+    const Part& span = partition_.parts()[part];
+    entry.kind = EntryKind::kContribution;
+    entry.values = Payload(input_->data() + span.begin, span.size * sizeof(float), input_);
+    entry.weight = weight_;
+  } else {
+    entry.kind = EntryKind::kAbsent;
+  }
+  return entry;
+}
+
+void Round::DeliverLocked(Reduction& reduction, int member, size_t k, Entry entry) {
+  Source& source = reduction.sources[member];
+  source.last_seen = Clock::now();
+  ++source.delivered;
+  // An excluded source's contributions no longer count, but a final value is a fact (its reducer
+  // computed it once, every copy is identical), so adopting it can only keep members together.
+  if (source.excluded && entry.kind != EntryKind::kFinal) return;
+  if (reduction.state[k] != PartState::kWaiting) return;
+  reduction.entries[k][member] = std::move(entry);
+}
+
+void Round::ExcludeLocked(Reduction& reduction, int member, const std::string& why, bool dead) {
+  Source& source = reduction.sources[member];
+  NoteFailureLocked(member, why, dead);
+  if (source.excluded || !source.expected) return;
+  source.excluded = true;
+  // Dropped from every part not reduced yet; parts already reduced keep its contribution.
+  for (size_t k = 0; k < reduction.state.size(); ++k) {
+    Entry& entry = reduction.entries[k][member];
+    if (reduction.state[k] == PartState::kWaiting && entry.kind != EntryKind::kFinal) {
+      entry = Entry();
+    }
+  }
+  cv_.notify_all();
+}
+
+Computed Round::Compute(const Reduction& reduction, size_t k,
+                        const std::vector<Entry>& entries) const {
+  Computed out;
+  out.k = k;
+  for (const Entry& entry : entries) {
+    if (entry.kind == EntryKind::kFinal) {
+      out.values = entry.values;
+      out.contributors = entry.contributors;
+      out.reduced_by = entry.reduced_by;
+      return out;
+    }
+  }
+  const Part& part = partition_.parts()[reduction.first_part + k];
+  // Double accumulation in member order: the result does not depend on arrival order.
+  std::vector<double> sum(part.size, 0.0);
+  double total_weight = 0;
+  std::vector<float> scratch;
+  for (int m = 0; m < n_; ++m) {
+    const Entry& entry = entries[m];
+    if (entry.kind != EntryKind::kContribution) continue;
+    const float* x = FloatsOf(entry.values, scratch);
+    double w = entry.weight;
+    for (size_t i = 0; i < part.size; ++i) sum[i] += w * static_cast<double>(x[i]);
+    total_weight += w;
+    out.contributors.push_back(m);
+  }
+  out.values = Payload::Allocate(part.size * sizeof(float));
+  float* result = reinterpret_cast<float*>(out.values.mutable_data());
+  for (size_t i = 0; i < part.size; ++i) {
+    result[i] = total_weight > 0 ? static_cast<float>(sum[i] / total_weight) : 0.0f;
+  }
+  out.reduced_by = me_;
+  return out;
+}
+
+bool PartReady(const Reduction& reduction, size_t k) {
+  if (reduction.state[k] != PartState::kWaiting) return false;
+  const auto& entries = reduction.entries[k];
+  for (const Entry& entry : entries) {
+    if (entry.kind == EntryKind::kFinal) return true;
+  }
+  for (size_t m = 0; m < entries.size(); ++m) {
+    const Source& source = reduction.sources[m];
+    if (source.expected && !source.excluded && entries[m].kind == EntryKind::kNone) return false;
+  }
+  return true;
+}
+
+// Reduces every part that has all it waits for. The arithmetic runs without the lock; the commit
+// re-checks under the lock that this peer still owns the share, so a part is published either
+// before a backup collected this peer's state (and the backup adopts it) or never.
+void Round::Pump(std::unique_lock<std::mutex>& lock, Reduction& reduction) {
+  while (true) {
+    std::vector<std::pair<size_t, std::vector<Entry>>> work;
+    for (size_t k = 0; k < reduction.state.size(); ++k) {
+      if (!PartReady(reduction, k)) continue;
+      reduction.state[k] = PartState::kReducing;
+      work.emplace_back(k, reduction.entries[k]);
+    }
+    if (work.empty()) return;
+    lock.unlock();
+    std::vector<Computed> results;
+    for (const auto& [k, entries] : work) results.push_back(Compute(reduction, k, entries));
+    lock.lock();
+    std::vector<size_t> published;
+    for (Computed& result : results) {
+      ++reduction.terminal;
+      size_t part = reduction.first_part + result.k;
+      // Free the inputs: nothing reads them after the reduction.
+      for (Entry& entry : reduction.entries[result.k]) entry = Entry();
+      if (owner_pos_[reduction.share] != reduction.position || result.contributors.empty()) {
+        reduction.state[result.k] = PartState::kAbandoned;
+        continue;
+      }
+      reduction.state[result.k] = PartState::kDone;
+      PartView& view = view_[part];
+      if (!view.final) {
+        view.final = true;
+        view.values = result.values;
+        view.contributors = result.contributors;
+        view.reduced_by = result.reduced_by;
+      }
+      progress_[reduction.share] = Clock::now();
+      wire::AveragingHeader header;
+      header.set_kind(wire::RESULT);
+      header.set_part(static_cast<uint32_t>(part));
+      header.set_reduced_by(static_cast<uint32_t>(result.reduced_by));
+      for (int c : result.contributors) header.add_contributors(static_cast<uint32_t>(c));
+      Message message = Encode(header, {result.values});
+      for (auto& [member, sink] : reduction.sinks) {
+        if (!reduction.sources[member].excluded) sink->outbox.push_back(message);
+      }
+      published.push_back(part);
+    }
+    cv_.notify_all();
+    if (options_.observer && !published.empty()) {
+      lock.unlock();
+      for (size_t part : published) Notify(RoundEvent::kPartReduced, part);
+      lock.lock();
+    }
+  }
+}
+
+void Round::AbandonLocked(int share) {
+  for (auto& [key, reduction] : reductions_) {
+    if (key.first != share || key.second == owner_pos_[share]) continue;
+    for (size_t k = 0; k < reduction->state.size(); ++k) {
+      if (reduction->state[k] != PartState::kWaiting) continue;
+      reduction->state[k] = PartState::kAbandoned;
+      reduction->entries[k].assign(n_, Entry());
+      ++reduction->terminal;
+    }
+  }
+  cv_.notify_all();
+}
+
+void Round::ArmRead(const std::shared_ptr<Channel>& channel) {
+  channel->pending = channel->stream->Read();
+  auto self = shared_from_this();
+  // May run right here (a message was waiting), so the caller must not hold mutex_.
+  channel->pending.OnReady([self, channel](const Result<std::optional<Message>>&) {
+    std::lock_guard<std::mutex> lock(self->mutex_);
+    channel->read_ready = true;
+    self->cv_.notify_all();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Member side: results, reducer failures, takeovers
+
+void Round::ApplyResultLocked(int share, size_t position, const wire::AveragingHeader& header,
+                              Payload values) {
+  PartView& view = view_[header.part()];
+  if (owner_pos_[share] != position || view.final) return;
+  view.final = true;
+  view.values = std::move(values);
+  view.contributors.assign(header.contributors().begin(), header.contributors().end());
+  view.reduced_by = static_cast<int>(header.reduced_by());
+  progress_[share] = Clock::now();
+  cv_.notify_all();
+}
+
+void Round::OwnerFailedLocked(int share, size_t position, const std::string& why, bool dead) {
+  if (!contributes_ || fatal_ || owner_pos_[share] != position || ShareFinalLocked(share)) return;
+  std::vector<int> chain = Chain(share);
+  NoteFailureLocked(chain[position], why, dead);
+  size_t next = position + 1;
+  while (next < chain.size() && dead_.count(chain[next]) > 0) ++next;
+  if (next >= chain.size()) {
+    fatal_ =
+        Status(StatusCode::kUnavailable, "no live reducer left for the share of " + Name(share) +
+                                             " (last: " + Name(chain[position]) + ": " + why + ")");
+    cv_.notify_all();
+    return;
+  }
+  HM_LOG(kInfo) << "all-reduce: " << Name(chain[position]) << " failed (" << why << "); "
+                << Name(chain[next]) << " takes over the share of " << Name(share);
+  owner_pos_[share] = next;
+  progress_[share] = Clock::now();
+  AbandonLocked(share);
+  if (chain[next] == me_) {
+    StartTakeoverLocked(share, next);
+  } else {
+    auto self = shared_from_this();
+    if (auto service = service_.lock()) {
+      service->Spawn([self, share, next] { self->RequestTakeover(share, next); });
+    }
+  }
+  cv_.notify_all();
+}
+
+void Round::StartTakeoverLocked(int share, size_t position) {
+  if (reductions_.count({share, position}) > 0 || owner_pos_[share] > position) return;
+  owner_pos_[share] = position;
+  progress_[share] = Clock::now();
+  AbandonLocked(share);
+  ++takeovers_;
+  // A takeover may start after this peer returned (grace period): give it a full timeout.
+  auto reduction = NewReductionLocked(share, position, Clock::now() + options_.timeout);
+  for (int m = 0; m < n_; ++m) {
+    // Everyone, replaced owners and peers believed dead included: a slow owner may have published
+    // parts already, and a transport error is not always proof of death. A dead peer's address
+    // refuses the collect at once, so asking costs little.
+    reduction->sources[m].expected = true;
+    reduction->sources[m].last_seen = reduction->started;
+  }
+  reduction->sources[me_].connected = true;
+  for (size_t k = 0; k < reduction->state.size(); ++k) {
+    DeliverLocked(*reduction, me_, k, LocalEntryLocked(reduction->first_part + k));
+  }
+  auto self = shared_from_this();
+  if (auto service = service_.lock()) {
+    service->Spawn([self, reduction] { self->RunTakeover(reduction); });
+  }
+}
+
+void Round::RequestTakeover(int share, size_t position) {
+  int target = Chain(share)[position];
+  Millis left = std::max(Millis(1), std::chrono::duration_cast<Millis>(deadline_ - Clock::now()));
+  auto stream =
+      node_.OpenStream(group_.members[target].address, methods_[kTakeover], net::CallOptions{left});
+  wire::AveragingHeader header;
+  header.set_kind(wire::TAKEOVER);
+  header.set_group_id(group_.id);
+  header.set_group_digest(digest_);
+  header.set_sender(static_cast<uint32_t>(me_));
+  header.set_share(static_cast<uint32_t>(share));
+  header.set_position(static_cast<uint32_t>(position));
+  stream->Write(Encode(header));
+  stream->CloseWrite();
+  ReadFuture pending = stream->Read();
+  auto self = shared_from_this();
+  auto answered = std::make_shared<bool>(false);
+  pending.OnReady([self, answered](const Result<std::optional<Message>>&) {
+    std::lock_guard<std::mutex> lock(self->mutex_);
+    *answered = true;
+    self->cv_.notify_all();
+  });
+  std::unique_lock<std::mutex> lock(mutex_);
+  // The stream fails at its own deadline; the extra second only covers the failure's delivery.
+  cv_.wait_until(lock, Clock::now() + left + Millis(1000), [&] { return *answered || stopping_; });
+  if (!*answered) {
+    lock.unlock();
+    stream->Cancel();
+    return;
+  }
+  Result<std::optional<Message>> reply = pending.Wait();
+  if (!reply.ok()) {
+    if (!IsRefusal(reply.status())) {
+      OwnerFailedLocked(share, position, "takeover request failed: " + reply.status().ToString(),
+                        ConfirmsDeath(reply.status()));
+    }
+    return;
+  }
+  wire::AveragingHeader answer;
+  if (!reply->has_value() || !answer.ParseFromString((*reply)->header) ||
+      answer.kind() != wire::TAKEOVER_ACCEPTED) {
+    OwnerFailedLocked(share, position, "did not accept the takeover");
+  }
+}
+
+// A backup's job: collect what every live member holds for the share, adopt a final value where
+// anyone has one, reduce contributions otherwise, and send every part to every member.
+void Round::RunTakeover(std::shared_ptr<Reduction> reduction) {
+  const int share = reduction->share;
+  std::vector<std::pair<int, std::shared_ptr<Channel>>> channels;
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (int m = 0; m < n_; ++m) {
+      if (m == me_ || !reduction->sources[m].expected) continue;
+      auto channel = std::make_shared<Channel>();
+      channel->member = m;
+      channels.emplace_back(m, channel);
+      channels_.push_back(channel);
+      reduction->sinks[m] = channel;
+      reduction->sources[m].connected = true;
+    }
+    Pump(lock, *reduction);
+  }
+  wire::AveragingHeader collect;
+  collect.set_kind(wire::COLLECT);
+  collect.set_group_id(group_.id);
+  collect.set_group_digest(digest_);
+  collect.set_sender(static_cast<uint32_t>(me_));
+  collect.set_share(static_cast<uint32_t>(share));
+  collect.set_position(static_cast<uint32_t>(reduction->position));
+  auto open_collect = [&](int m, const std::shared_ptr<Channel>& channel) {
+    Millis left =
+        std::max(Millis(1), std::chrono::duration_cast<Millis>(reduction->deadline - Clock::now()));
+    ++channel->attempts;
+    channel->owned =
+        node_.OpenStream(group_.members[m].address, methods_[kCollect], net::CallOptions{left});
+    channel->stream = channel->owned.get();
+    channel->stream->Write(Encode(collect));
+    ArmRead(channel);
+  };
+  for (auto& [m, channel] : channels) open_collect(m, channel);
+  const size_t parts = reduction->state.size();
+  Millis tick = std::max(Millis(10), options_.sender_timeout / 4);
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (true) {
+    auto pending_output = [&] {
+      for (auto& [m, channel] : channels) {
+        if (!channel->outbox.empty()) return true;
+      }
+      return false;
+    };
+    auto ready = [&] {
+      for (auto& [m, channel] : channels) {
+        if (channel->read_ready) return true;
+      }
+      return pending_output() || stopping_ || reduction->finished() ||
+             owner_pos_[share] != reduction->position;
+    };
+    cv_.wait_until(lock, std::min(reduction->deadline, Clock::now() + tick), ready);
+    // Writes and reads happen without the lock.
+    std::vector<std::pair<std::shared_ptr<Channel>, std::deque<Message>>> outgoing;
+    std::vector<std::shared_ptr<Channel>> readable;
+    for (auto& [m, channel] : channels) {
+      if (!channel->outbox.empty()) outgoing.emplace_back(channel, std::move(channel->outbox));
+      channel->outbox.clear();
+      if (channel->read_ready) {
+        channel->read_ready = false;
+        readable.push_back(channel);
+      }
+    }
+    bool superseded = owner_pos_[share] != reduction->position;
+    bool finished = reduction->finished() && outgoing.empty();
+    bool expired = Clock::now() >= reduction->deadline || stopping_;
+    lock.unlock();
+    for (auto& [channel, messages] : outgoing) {
+      for (auto& message : messages) channel->stream->Write(std::move(message));
+    }
+    if (finished || superseded || expired) {
+      HM_LOG(kInfo) << "all-reduce: takeover of the share of " << Name(share) << " at position "
+                    << reduction->position
+                    << (finished     ? " finished"
+                        : superseded ? " superseded"
+                                     : " expired");
+      for (auto& [m, channel] : channels) {
+        if (finished) {
+          channel->stream->CloseWrite();
+        } else {
+          channel->stream->Cancel();
+        }
+      }
+      lock.lock();
+      if (!finished && !superseded) {
+        for (size_t k = 0; k < parts; ++k) {
+          if (reduction->state[k] == PartState::kWaiting) {
+            reduction->state[k] = PartState::kAbandoned;
+            ++reduction->terminal;
+          }
+        }
+      }
+      cv_.notify_all();
+      return;
+    }
+    for (auto& channel : readable) {
+      Result<std::optional<Message>> read = channel->pending.Wait();
+      int m = channel->member;
+      Status status = Status::Ok();
+      bool dead = false;
+      bool rearm = false;
+      if (!read.ok() && ShouldRetry(read.status(), *channel)) {
+        open_collect(m, channel);
+        continue;
+      }
+      if (read.ok()) ++channel->received;
+      if (!read.ok()) {
+        status = read.status();
+        dead = ConfirmsDeath(status);
+      } else if (!read->has_value()) {
+        channel->read_closed = true;
+      } else {
+        status = HandleForward(*reduction, m, **read);
+        rearm = status.ok();
+      }
+      lock.lock();
+      Source& source = reduction->sources[m];
+      if (!status.ok()) {
+        ExcludeLocked(*reduction, m, "takeover collect: " + status.ToString(), dead);
+        channel->read_closed = true;
+      } else if (channel->read_closed && source.delivered < parts) {
+        ExcludeLocked(*reduction, m, "closed its takeover stream early", false);
+      }
+      Pump(lock, *reduction);
+      lock.unlock();
+      if (!status.ok() && !dead) channel->stream->Cancel();
+      if (rearm) ArmRead(channel);
+    }
+    lock.lock();
+    auto now = Clock::now();
+    for (auto& [m, channel] : channels) {
+      Source& source = reduction->sources[m];
+      if (!source.excluded && source.delivered < parts &&
+          now - source.last_seen >= options_.sender_timeout) {
+        ExcludeLocked(*reduction, m,
+                      "sent nothing to the takeover for " + Ms(options_.sender_timeout), false);
+        Pump(lock, *reduction);
+      }
+    }
+  }
+}
+
+Status Round::HandleForward(Reduction& reduction, int member, const Message& message) {
+  wire::AveragingHeader header;
+  if (!header.ParseFromString(message.header) || header.kind() != wire::FORWARD) {
+    return Malformed("expected a FORWARD message");
+  }
+  size_t first = reduction.first_part;
+  if (header.part() < first || header.part() >= first + reduction.state.size()) {
+    return Malformed("forwarded part " + std::to_string(header.part()) + " is not in the share");
+  }
+  size_t k = header.part() - first;
+  const Part& part = partition_.parts()[header.part()];
+  Entry entry;
+  switch (header.state()) {
+    case wire::PART_FINAL: {
+      Status ok = CheckResult(header, message, reduction.share);
+      if (!ok.ok()) return ok;
+      entry.kind = EntryKind::kFinal;
+      entry.values = message.payloads[0];
+      entry.contributors.assign(header.contributors().begin(), header.contributors().end());
+      entry.reduced_by = static_cast<int>(header.reduced_by());
+      break;
+    }
+    case wire::PART_CONTRIBUTION: {
+      double w = header.weight();
+      if (!group_.members[member].contributes())
+        return Malformed("a contribution from a non-contributor");
+      if (!std::isfinite(w) || w <= 0 || w > options_.max_weight) {
+        return Malformed("weight " + std::to_string(w) + " is not in (0, max_weight]");
+      }
+      if (message.payloads.size() != 1 || message.payloads[0].size() != part.size * sizeof(float)) {
+        return Malformed("forwarded part has the wrong size");
+      }
+      if (!AllFinite(message.payloads[0])) return Malformed("forwarded part is not finite");
+      entry.kind = EntryKind::kContribution;
+      entry.values = message.payloads[0];
+      entry.weight = w;
+      break;
+    }
+    case wire::PART_ABSENT:
+      if (!message.payloads.empty()) return Malformed("an absent part with a payload");
+      entry.kind = EntryKind::kAbsent;
+      break;
+    default:
+      return Malformed("unknown part state");
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (reduction.entries[k][member].kind != EntryKind::kNone &&
+      reduction.state[k] == PartState::kWaiting) {
+    return Malformed("part " + std::to_string(header.part()) + " forwarded twice");
+  }
+  DeliverLocked(reduction, member, k, std::move(entry));
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Served streams
+
+Status Round::ServeSender(const net::CallContext& context, Stream& stream,
+                          const wire::AveragingHeader& open) {
+  Status ok = CheckHeader(open, stream);
+  if (!ok.ok()) return ok;
+  const int m = static_cast<int>(open.sender());
+  if (!group_.members[m].contributes())
+    return Refused(Name(m) + " is auxiliary: it contributes nothing");
+  if (open.total_elements() != partition_.total_elements() ||
+      open.part_elements() != partition_.part_elements()) {
+    return Malformed("vector of " + std::to_string(open.total_elements()) +
+                     " elements in parts of " + std::to_string(open.part_elements()) +
+                     ", this round has " + std::to_string(partition_.total_elements()) +
+                     " in parts of " + std::to_string(partition_.part_elements()));
+  }
+  double w = open.weight();
+  if (!std::isfinite(w) || w <= 0 || w > options_.max_weight) {
+    return Malformed("weight " + std::to_string(w) + " is not in (0, " +
+                     std::to_string(options_.max_weight) + "]");
+  }
+  auto channel = std::make_shared<Channel>();
+  channel->stream = &stream;
+  channel->member = m;
+  std::shared_ptr<Reduction> reduction;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = reductions_.find({me_, 0});
+    if (it == reductions_.end()) return Refused("this peer reduces no share of the group");
+    reduction = it->second;
+    Source& source = reduction->sources[m];
+    if (source.excluded) return Refused(Name(m) + " was excluded from the round");
+    if (source.connected)
+      return Status(StatusCode::kPermissionDenied, "a second stream from " + Name(m));
+    source.connected = true;
+    source.weight = w;
+    source.last_seen = Clock::now();
+    reduction->sinks[m] = channel;
+  }
+  const size_t parts = reduction->state.size();
+  const size_t first = reduction->first_part;
+  ArmRead(channel);
+  std::unique_lock<std::mutex> lock(mutex_);
+  Source& source = reduction->sources[m];
+  auto finish = [&](Status status) {
+    // After this the stream reference dies: nobody may queue into this channel any more.
+    channel->stream = nullptr;
+    reduction->sinks.erase(m);
+    return status;
+  };
+  while (true) {
+    cv_.wait_until(lock, std::min(deadline_, context.deadline), [&] {
+      return channel->read_ready || !channel->outbox.empty() || source.excluded || stopping_ ||
+             (source.done_reading && reduction->finished());
+    });
+    std::deque<Message> outgoing;
+    outgoing.swap(channel->outbox);
+    bool readable = channel->read_ready;
+    channel->read_ready = false;
+    bool finished = source.done_reading && reduction->finished();
+    if (source.excluded) {
+      return finish(Refused(
+          Name(m) + " was excluded: " + (failures_.empty() ? std::string() : failures_.back())));
+    }
+    if (stopping_) return finish(Status(StatusCode::kCancelled, "the averaging service stopped"));
+    if (Clock::now() >= std::min(deadline_, context.deadline) && !readable && outgoing.empty()) {
+      ExcludeLocked(*reduction, m, "round timed out", false);
+      Pump(lock, *reduction);
+      return finish(Status(StatusCode::kDeadlineExceeded, "the round timed out"));
+    }
+    lock.unlock();
+    for (auto& message : outgoing) stream.Write(std::move(message));
+    if (finished && outgoing.empty()) {
+      lock.lock();
+      return finish(Status::Ok());
+    }
+    Status status = Status::Ok();
+    bool dead = false;
+    bool rearm = false;
+    if (readable) {
+      Result<std::optional<Message>> read = channel->pending.Wait();
+      if (!read.ok() && read.status().code() == StatusCode::kUnavailable) {
+        lock.lock();
+        if (source.delivered == 0) {
+          // Possibly a connection lost before anything arrived: the sender may open its stream
+          // again (see ShouldRetry); the connect timer still bounds the wait for it.
+          source.connected = false;
+          return finish(read.status());
+        }
+        lock.unlock();
+      }
+      if (!read.ok()) {
+        status = read.status();
+        dead = ConfirmsDeath(status);
+      } else if (!read->has_value()) {
+        lock.lock();
+        source.done_reading = true;
+        if (source.delivered < parts) {
+          ExcludeLocked(*reduction, m,
+                        "closed its stream after " + std::to_string(source.delivered) + " of " +
+                            std::to_string(parts) + " parts",
+                        false);
+        }
+        Pump(lock, *reduction);
+        continue;
+      } else {
+        const Message& message = **read;
+        wire::AveragingHeader header;
+        if (!header.ParseFromString(message.header) || header.kind() != wire::PART) {
+          status = Malformed("expected a PART message");
+        } else if (header.part() < first || header.part() >= first + parts) {
+          status = Malformed("part " + std::to_string(header.part()) +
+                             " is not in this reducer's share");
+        } else {
+          const Part& part = partition_.parts()[header.part()];
+          if (message.payloads.size() != 1 ||
+              message.payloads[0].size() != part.size * sizeof(float)) {
+            status =
+                Malformed("part " + std::to_string(header.part()) + " must be one payload of " +
+                          std::to_string(part.size * sizeof(float)) + " bytes");
+          } else if (!AllFinite(message.payloads[0])) {
+            status = Malformed("part " + std::to_string(header.part()) + " has non-finite values");
+          }
+        }
+        if (status.ok()) {
+          size_t k = header.part() - first;
+          lock.lock();
+          if (reduction->state[k] == PartState::kAbandoned) {
+            // A backup owns the share now: the part only counts as delivered.
+            DeliverLocked(*reduction, m, k, Entry());
+            rearm = true;
+          } else if (reduction->entries[k][m].kind != EntryKind::kNone ||
+                     reduction->state[k] != PartState::kWaiting) {
+            // A duplicate, or a part already reduced without this sender: both are violations
+            // (a sender sends each part once, and parts are only reduced without a live sender
+            // after it was excluded).
+            status = Malformed("part " + std::to_string(header.part()) + " sent twice or late");
+          } else {
+            Entry entry;
+            entry.kind = EntryKind::kContribution;
+            entry.values = message.payloads[0];
+            entry.weight = source.weight;
+            DeliverLocked(*reduction, m, k, std::move(entry));
+            Pump(lock, *reduction);
+            rearm = true;
+          }
+          lock.unlock();
+        }
+      }
+    }
+    lock.lock();
+    if (!status.ok()) {
+      ExcludeLocked(*reduction, m, status.ToString(), dead);
+      Pump(lock, *reduction);
+      return finish(dead ? status
+                         : Status(status.code(), Name(m) + " excluded: " + status.message()));
+    }
+    if (rearm) {
+      lock.unlock();
+      ArmRead(channel);
+      lock.lock();
+    }
+  }
+}
+
+Status Round::ServeCollect(const net::CallContext& context, Stream& stream,
+                           const wire::AveragingHeader& collect) {
+  Status ok = CheckHeader(collect, stream);
+  if (!ok.ok()) return ok;
+  const int share = static_cast<int>(collect.share());
+  if (collect.share() >= static_cast<uint32_t>(n_) || partition_.num_parts(share) == 0) {
+    return Malformed("share " + std::to_string(collect.share()) + " has no parts");
+  }
+  std::vector<int> chain = Chain(share);
+  const size_t position = collect.position();
+  if (position == 0 || position >= chain.size() ||
+      chain[position] != static_cast<int>(collect.sender())) {
+    return Malformed(Name(collect.sender()) + " is not the backup at position " +
+                     std::to_string(position) + " for the share of " + Name(share));
+  }
+  std::vector<Message> forwards;
+  auto channel = std::make_shared<Channel>();
+  channel->stream = &stream;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (owner_pos_[share] > position) {
+      return Refused("the share of " + Name(share) + " was already taken over further down");
+    }
+    // Freeze: from now on only this backup's results count for the share. What this peer already
+    // holds is forwarded, so the backup adopts it instead of computing something different.
+    for (size_t q = owner_pos_[share]; q < position; ++q) {
+      NoteFailureLocked(chain[q], "replaced by backup " + Name(chain[position]), false);
+    }
+    owner_pos_[share] = position;
+    progress_[share] = Clock::now();
+    size_t first = partition_.first_part(share);
+    for (size_t p = first; p < first + partition_.num_parts(share); ++p) {
+      Entry entry = LocalEntryLocked(p);
+      wire::AveragingHeader header;
+      header.set_kind(wire::FORWARD);
+      header.set_part(static_cast<uint32_t>(p));
+      std::vector<Payload> payloads;
+      if (entry.kind == EntryKind::kFinal) {
+        header.set_state(wire::PART_FINAL);
+        header.set_reduced_by(static_cast<uint32_t>(entry.reduced_by));
+        for (int c : entry.contributors) header.add_contributors(static_cast<uint32_t>(c));
+        payloads.push_back(entry.values);
+      } else if (entry.kind == EntryKind::kContribution) {
+        header.set_state(wire::PART_CONTRIBUTION);
+        header.set_weight(entry.weight);
+        payloads.push_back(entry.values);
+      } else {
+        header.set_state(wire::PART_ABSENT);
+      }
+      forwards.push_back(Encode(header, std::move(payloads)));
+    }
+    AbandonLocked(share);
+    cv_.notify_all();
+  }
+  for (auto& message : forwards) stream.Write(std::move(message));
+  // An auxiliary member needs no result; returning closes the stream after the forwards leave.
+  if (!contributes_) return Status::Ok();
+  ArmRead(channel);
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (true) {
+    bool woke =
+        cv_.wait_until(lock, context.deadline, [&] { return channel->read_ready || stopping_; });
+    if (!woke || stopping_) {
+      OwnerFailedLocked(share, position, "no results from the backup in time");
+      return Status(StatusCode::kDeadlineExceeded, "no results from the backup in time");
+    }
+    channel->read_ready = false;
+    lock.unlock();
+    Result<std::optional<Message>> read = channel->pending.Wait();
+    Status status = Status::Ok();
+    wire::AveragingHeader header;
+    if (!read.ok()) {
+      status = read.status();
+    } else if (!read->has_value()) {
+      lock.lock();
+      if (!ShareFinalLocked(share)) {
+        OwnerFailedLocked(share, position, "backup closed its stream before every result");
+      }
+      return Status::Ok();
+    } else if (!header.ParseFromString((*read)->header) || header.kind() != wire::RESULT) {
+      status = Malformed("expected a RESULT message");
+    } else {
+      status = CheckResult(header, **read, share);
+    }
+    if (status.ok()) {
+      ++channel->received;
+      lock.lock();
+      ApplyResultLocked(share, position, header, (*read)->payloads[0]);
+      lock.unlock();
+      Notify(RoundEvent::kResultReceived, header.part());
+      ArmRead(channel);
+      lock.lock();
+      continue;
+    }
+    lock.lock();
+    if (status.code() == StatusCode::kUnavailable && channel->received == 0) {
+      // The backup may collect again over a new stream (see ShouldRetry); if it is really gone,
+      // the reducer timeout moves this peer on.
+      return status;
+    }
+    OwnerFailedLocked(share, position, "backup stream: " + status.ToString(),
+                      ConfirmsDeath(status));
+    return status;
+  }
+}
+
+Status Round::ServeTakeover(Stream& stream, const wire::AveragingHeader& request) {
+  Status ok = CheckHeader(request, stream);
+  if (!ok.ok()) return ok;
+  const int share = static_cast<int>(request.share());
+  if (request.share() >= static_cast<uint32_t>(n_) || partition_.num_parts(share) == 0) {
+    return Malformed("share " + std::to_string(request.share()) + " has no parts");
+  }
+  std::vector<int> chain = Chain(share);
+  const size_t position = request.position();
+  if (position == 0 || position >= chain.size() || chain[position] != me_) {
+    return Malformed("this peer is not the backup at position " + std::to_string(position) +
+                     " for the share of " + Name(share));
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (owner_pos_[share] > position) return Refused("the share was taken over further down");
+    for (size_t q = owner_pos_[share]; q < position; ++q) {
+      NoteFailureLocked(chain[q], "reported failed by " + Name(request.sender()), false);
+    }
+    StartTakeoverLocked(share, position);
+  }
+  wire::AveragingHeader reply;
+  reply.set_kind(wire::TAKEOVER_ACCEPTED);
+  stream.Write(Encode(reply)).Wait();
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The caller's side of a round
+
+void Round::CheckTimersLocked(Clock::time_point now) {
+  auto own = reductions_.find({me_, 0});
+  if (own != reductions_.end() && !own->second->finished()) {
+    Reduction& reduction = *own->second;
+    bool excluded = false;
+    for (int m = 0; m < n_; ++m) {
+      Source& source = reduction.sources[m];
+      if (m == me_ || !source.expected || source.excluded) continue;
+      if (!source.connected && now - start_ >= options_.sender_timeout) {
+        ExcludeLocked(reduction, m, "did not open its stream within " + Ms(options_.sender_timeout),
+                      false);
+        excluded = true;
+      } else if (source.connected && source.delivered < reduction.state.size() &&
+                 now - source.last_seen >= options_.sender_timeout) {
+        ExcludeLocked(reduction, m, "sent nothing for " + Ms(options_.sender_timeout), false);
+        excluded = true;
+      }
+    }
+    if (excluded) {
+      std::unique_lock<std::mutex> lock(mutex_, std::adopt_lock);
+      Pump(lock, reduction);
+      lock.release();
+    }
+  }
+  if (!contributes_) return;
+  for (int share = 0; share < n_; ++share) {
+    if (partition_.num_parts(share) == 0 || ShareFinalLocked(share)) continue;
+    std::vector<int> chain = Chain(share);
+    if (chain[owner_pos_[share]] == me_) continue;  // my own reduction: bounded by sender timeouts
+    if (now - progress_[share] >= options_.reducer_timeout) {
+      OwnerFailedLocked(share, owner_pos_[share], "no result for " + Ms(options_.reducer_timeout));
+    }
+  }
+}
+
+void Round::OpenSenderStream(int share, const std::shared_ptr<Channel>& channel) {
+  wire::AveragingHeader open;
+  open.set_kind(wire::OPEN);
+  open.set_group_id(group_.id);
+  open.set_group_digest(digest_);
+  open.set_sender(static_cast<uint32_t>(me_));
+  open.set_weight(weight_);
+  open.set_total_elements(partition_.total_elements());
+  open.set_part_elements(partition_.part_elements());
+  Millis left = std::max(Millis(1), std::chrono::duration_cast<Millis>(deadline_ - Clock::now()));
+  ++channel->attempts;
+  channel->owned =
+      node_.OpenStream(group_.members[share].address, methods_[kAllReduce], net::CallOptions{left});
+  channel->stream = channel->owned.get();
+  channel->stream->Write(Encode(open));
+  // Zero-copy: the payloads point into input_, which nobody modifies and which the payloads keep
+  // alive until the transport has written them.
+  size_t first = partition_.first_part(share);
+  for (size_t p = first; p < first + partition_.num_parts(share); ++p) {
+    const Part& part = partition_.parts()[p];
+    wire::AveragingHeader header;
+    header.set_kind(wire::PART);
+    header.set_part(static_cast<uint32_t>(p));
+    channel->stream->Write(
+        Encode(header, {Payload(input_->data() + part.begin, part.size * sizeof(float), input_)}));
+    if (channel->attempts == 1) Notify(RoundEvent::kPartSent, p);
+  }
+  channel->stream->CloseWrite();
+  ArmRead(channel);
+}
+
+Result<AllReduceReport> Round::Run(std::vector<float>& data) {
+  auto service = service_.lock();
+  if (!service) return Status(StatusCode::kCancelled, "the averaging service stopped");
+  input_ = std::make_shared<const std::vector<float>>(data);
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (partition_.num_parts(me_) > 0) {
+      auto reduction = NewReductionLocked(me_, 0, deadline_);
+      for (int m = 0; m < n_; ++m) {
+        reduction->sources[m].expected = group_.members[m].contributes();
+        reduction->sources[m].last_seen = start_;
+      }
+      reduction->sources[me_].connected = true;
+    }
+  }
+  Status registered = service->Register(shared_from_this());
+  if (!registered.ok()) return registered;
+  service.reset();
+  Notify(RoundEvent::kStarted, 0);
+
+  if (contributes_) {
+    for (int share = 0; share < n_; ++share) {
+      if (share == me_ || partition_.num_parts(share) == 0) continue;
+      auto channel = std::make_shared<Channel>();
+      channel->member = share;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        sender_channels_[share] = channel;
+        channels_.push_back(channel);
+      }
+      OpenSenderStream(share, channel);
+    }
+  }
+
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (auto own = reductions_.find({me_, 0}); own != reductions_.end()) {
+    if (contributes_) {
+      Reduction& reduction = *own->second;
+      for (size_t k = 0; k < reduction.state.size(); ++k) {
+        DeliverLocked(reduction, me_, k, LocalEntryLocked(reduction.first_part + k));
+      }
+    }
+    Pump(lock, *own->second);
+  }
+  Millis tick =
+      std::max(Millis(10), std::min(options_.sender_timeout, options_.reducer_timeout) / 4);
+  while (true) {
+    if (fatal_ || DoneLocked() || stopping_) break;
+    auto now = Clock::now();
+    if (now >= deadline_) {
+      std::string missing;
+      for (int share = 0; share < n_; ++share) {
+        if (partition_.num_parts(share) == 0 || (contributes_ && ShareFinalLocked(share))) continue;
+        if (!contributes_ && share != me_) continue;
+        int owner = Chain(share)[owner_pos_[share]];
+        missing += (missing.empty() ? "" : ", ") + Name(owner);
+      }
+      fatal_ = Status(StatusCode::kDeadlineExceeded, "all-reduce timed out after " +
+                                                         Ms(options_.timeout) +
+                                                         "; waiting for results from " + missing);
+      break;
+    }
+    std::vector<std::pair<int, std::shared_ptr<Channel>>> readable;
+    for (auto& [share, channel] : sender_channels_) {
+      if (channel->read_ready) {
+        channel->read_ready = false;
+        readable.emplace_back(share, channel);
+      }
+    }
+    if (readable.empty()) {
+      CheckTimersLocked(now);
+      if (fatal_ || DoneLocked()) break;
+      cv_.wait_until(lock, std::min(deadline_, now + tick), [&] {
+        if (fatal_ || stopping_ || DoneLocked()) return true;
+        for (auto& [share, channel] : sender_channels_) {
+          if (channel->read_ready) return true;
+        }
+        return false;
+      });
+      continue;
+    }
+    lock.unlock();
+    for (auto& [share, channel] : readable) {
+      Result<std::optional<Message>> read = channel->pending.Wait();
+      if (!read.ok() && ShouldRetry(read.status(), *channel)) {
+        OpenSenderStream(share, channel);
+        continue;
+      }
+      if (read.ok()) ++channel->received;
+      if (!read.ok()) {
+        lock.lock();
+        if (IsRefusal(read.status()) && !ShareFinalLocked(share) && owner_pos_[share] == 0) {
+          fatal_ = read.status().WithContext("refused by reducer " + Name(share));
+        } else {
+          OwnerFailedLocked(share, 0, "stream failed: " + read.status().ToString(),
+                            ConfirmsDeath(read.status()));
+        }
+        lock.unlock();
+        continue;
+      }
+      if (!read->has_value()) {
+        lock.lock();
+        if (!ShareFinalLocked(share)) {
+          OwnerFailedLocked(share, 0, "closed its stream before sending every result");
+        }
+        lock.unlock();
+        continue;
+      }
+      wire::AveragingHeader header;
+      Status status = Status::Ok();
+      if (!header.ParseFromString((*read)->header) || header.kind() != wire::RESULT) {
+        status = Malformed("expected a RESULT message");
+      } else {
+        status = CheckResult(header, **read, share);
+      }
+      lock.lock();
+      if (!status.ok()) {
+        OwnerFailedLocked(share, 0, "sent an invalid result: " + status.ToString());
+        lock.unlock();
+        channel->stream->Cancel();
+        continue;
+      }
+      ApplyResultLocked(share, 0, header, (*read)->payloads[0]);
+      lock.unlock();
+      Notify(RoundEvent::kResultReceived, header.part());
+      ArmRead(channel);
+    }
+    lock.lock();
+  }
+
+  finished_ = true;
+  finished_at_ = Clock::now();
+  if (stopping_ && !fatal_ && !DoneLocked()) {
+    fatal_ = Status(StatusCode::kCancelled, "the averaging service stopped");
+  }
+  if (fatal_) {
+    Status status = *fatal_;
+    auto channels = sender_channels_;
+    lock.unlock();
+    // Our reducers exclude us at once instead of waiting for a sender timeout.
+    for (auto& [share, channel] : channels) channel->stream->Cancel();
+    return status;
+  }
+  AllReduceReport report;
+  report.failed_members.assign(failed_.begin(), failed_.end());
+  report.failures = failures_;
+  report.takeovers = takeovers_;
+  if (contributes_) {
+    std::vector<float> scratch;
+    for (size_t p = 0; p < view_.size(); ++p) {
+      const Part& part = partition_.parts()[p];
+      const PartView& view = view_[p];
+      std::memcpy(data.data() + part.begin, FloatsOf(view.values, scratch),
+                  part.size * sizeof(float));
+      report.parts.push_back(
+          PartReport{part.begin, part.size, part.share, view.reduced_by, view.contributors});
+    }
+  }
+  return report;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Service
+
+void AllReduceService::Impl::SweepLocked() {
+  auto now = Clock::now();
+  for (auto it = rounds_.begin(); it != rounds_.end();) {
+    std::lock_guard<std::mutex> round_lock(it->second->mutex_);
+    if (it->second->ExpiredLocked(now, options.grace_period)) {
+      it = rounds_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+Status AllReduceService::Impl::Register(const std::shared_ptr<Round>& round) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (stopping_) return Status(StatusCode::kCancelled, "the averaging service stopped");
+  SweepLocked();
+  if (!rounds_.emplace(round->id(), round).second) {
+    return Status(StatusCode::kFailedPrecondition,
+                  "a round with this group id is already running or recently finished");
+  }
+  registered_.notify_all();
+  return Status::Ok();
+}
+
+std::shared_ptr<Round> AllReduceService::Impl::WaitForRound(const std::string& id,
+                                                            Clock::time_point deadline) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  std::shared_ptr<Round> round;
+  registered_.wait_until(lock, deadline, [&] {
+    auto it = rounds_.find(id);
+    if (it != rounds_.end()) round = it->second;
+    return round != nullptr || stopping_;
+  });
+  return stopping_ ? nullptr : round;
+}
+
+void AllReduceService::Impl::Spawn(std::function<void()> task) {
+  std::lock_guard<std::mutex> lock(workers_mutex_);
+  if (workers_closed_) return;
+  // Join the workers that ended, so a long-lived service does not accumulate threads.
+  for (auto it = workers_.begin(); it != workers_.end();) {
+    if (it->done->load()) {
+      it->thread.join();
+      it = workers_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  auto done = std::make_shared<std::atomic<bool>>(false);
+  workers_.push_back(Worker{std::thread([task = std::move(task), done] {
+                              task();
+                              done->store(true);
+                            }),
+                            done});
+}
+
+void AllReduceService::Impl::Stop() {
+  std::vector<std::shared_ptr<Round>> rounds;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+    for (auto& [id, round] : rounds_) rounds.push_back(round);
+    rounds_.clear();
+    registered_.notify_all();
+  }
+  for (auto& round : rounds) round->Stop();
+  std::list<Worker> workers;
+  {
+    std::lock_guard<std::mutex> lock(workers_mutex_);
+    workers_closed_ = true;
+    workers.swap(workers_);
+  }
+  for (auto& worker : workers) {
+    if (worker.thread.get_id() == std::this_thread::get_id()) {
+      worker.thread.detach();
+    } else {
+      worker.thread.join();
+    }
+  }
+}
+
+Status AllReduceService::Impl::Serve(const net::CallContext& context, Stream& stream,
+                                     wire::Kind expected) {
+  auto wait_until = std::min(context.deadline, Clock::now() + options.registration_wait);
+  auto first = stream.Read().WaitFor(options.registration_wait);
+  if (!first) return Status(StatusCode::kDeadlineExceeded, "no first message");
+  if (!first->ok()) return first->status();
+  if (!first->value().has_value()) return Malformed("empty stream");
+  wire::AveragingHeader header;
+  if (!header.ParseFromString(first->value()->header) || header.kind() != expected) {
+    return Malformed("unexpected first message");
+  }
+  if (header.group_id().empty() || header.group_id().size() > Group::kMaxIdBytes) {
+    return Malformed("bad group id");
+  }
+  // A member may start streaming before this peer has started the same round: wait (bounded).
+  auto round = WaitForRound(header.group_id(), wait_until);
+  if (!round) {
+    return Status(StatusCode::kNotFound, "no averaging round with this group id on this peer");
+  }
+  switch (expected) {
+    case wire::OPEN:
+      return round->ServeSender(context, stream, header);
+    case wire::COLLECT:
+      return round->ServeCollect(context, stream, header);
+    case wire::TAKEOVER:
+      return round->ServeTakeover(stream, header);
+    default:
+      return Malformed("unexpected message kind");
+  }
+}
+
+AllReduceService::AllReduceService(net::Node& node, AllReduceServiceOptions options)
+    : impl_(std::make_shared<Impl>(node, std::move(options))) {
+  std::weak_ptr<Impl> weak = impl_;
+  auto serve = [weak](wire::Kind kind) {
+    return [weak, kind](const net::CallContext& context, Stream& stream) {
+      auto impl = weak.lock();
+      if (!impl) return Status(StatusCode::kUnavailable, "the averaging service stopped");
+      return impl->Serve(context, stream, kind);
+    };
+  };
+  node.RegisterStream(impl_->Method("allreduce"), serve(wire::OPEN));
+  node.RegisterStream(impl_->Method("collect"), serve(wire::COLLECT));
+  node.RegisterStream(impl_->Method("takeover"), serve(wire::TAKEOVER));
+}
+
+AllReduceService::~AllReduceService() { impl_->Stop(); }
+
+Result<AllReduceReport> AllReduceService::AllReduce(const Group& group, std::vector<float>& data,
+                                                    float weight, const AllReduceOptions& options) {
+  Status valid = group.Validate();
+  if (!valid.ok()) return valid;
+  bool contributes = group.members[group.my_index].contributes();
+  if (contributes && (!std::isfinite(weight) || weight <= 0 || weight > options.max_weight)) {
+    return Status(StatusCode::kInvalidArgument,
+                  "weight " + std::to_string(weight) + " is not in (0, max_weight]");
+  }
+  if (contributes) {
+    for (float x : data) {
+      if (!std::isfinite(x)) {
+        return Status(StatusCode::kInvalidArgument, "the local vector has non-finite values");
+      }
+    }
+  }
+  if (options.timeout.count() <= 0 || options.sender_timeout.count() <= 0 ||
+      options.reducer_timeout.count() <= 0) {
+    return Status(StatusCode::kInvalidArgument, "all-reduce timeouts must be positive");
+  }
+  auto partition = Partition::Make(group, data.size(), options.part_elements);
+  if (!partition.ok()) return partition.status();
+  auto round = std::make_shared<Round>(*impl_, group, std::move(partition).value(), options,
+                                       contributes ? weight : 0.0);
+  return round->Run(data);
+}
+
+}  // namespace hivemind::averaging

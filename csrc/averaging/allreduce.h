@@ -1,0 +1,93 @@
+// Butterfly all-reduce of a float32 vector within one group, over net::Node streams, surviving the
+// death of senders and reducers. Algorithm, wire format and guarantees: docs/averaging.md.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "averaging/group.h"
+#include "averaging/partition.h"
+#include "common/status.h"
+#include "net/node.h"
+
+namespace hivemind::averaging {
+
+// Points of a round that tests use to inject failures (chaos tests kill a node at one of them).
+enum class RoundEvent {
+  kStarted,         // the round is registered; nothing sent yet
+  kPartSent,        // one of my parts was handed to a reducer's stream
+  kPartReduced,     // I finished reducing one part (as reducer or backup)
+  kResultReceived,  // I received one averaged part from another member
+};
+
+struct AllReduceOptions {
+  // Whole round, from the call to the result. Every wait inside is bounded by it.
+  std::chrono::milliseconds timeout{60000};
+  // A reducer excludes a sender that has not connected, or sent nothing, for this long.
+  std::chrono::milliseconds sender_timeout{10000};
+  // A member declares a reducer failed when a share makes no progress for this long (and at once
+  // when the reducer's stream breaks). Keep it above sender_timeout: a reducer waits that long
+  // for a silent sender before it can publish anything.
+  std::chrono::milliseconds reducer_timeout{20000};
+  // Elements per part; every member must use the same value.
+  size_t part_elements = kDefaultPartElements;
+  // Weights above this (or non-finite, or <= 0) are refused, locally and from the wire.
+  double max_weight = 1e9;
+  // Test hook: called (from any thread, without locks held) at the points above. Must not block.
+  std::function<void(RoundEvent, size_t part)> observer;
+};
+
+struct PartReport {
+  size_t begin = 0;  // element range [begin, begin + size) of the vector
+  size_t size = 0;
+  int share = -1;                 // the member that was to reduce it
+  int reduced_by = -1;            // the member that did (a backup when `share` died)
+  std::vector<int> contributors;  // member indices whose vectors are in this part's mean
+};
+
+struct AllReduceReport {
+  std::vector<PartReport> parts;      // empty for an auxiliary member (it receives no result)
+  std::vector<int> failed_members;    // members this peer saw die, time out or get excluded
+  std::vector<std::string> failures;  // one human-readable line per failure seen
+  int takeovers = 0;                  // shares this peer re-reduced for a dead reducer
+};
+
+struct AllReduceServiceOptions {
+  // Stream methods are "<prefix>.allreduce", "<prefix>.collect" and "<prefix>.takeover".
+  std::string method_prefix = "averaging.v1";
+  // How long a stream that arrives before its round has started waits for it.
+  std::chrono::milliseconds registration_wait{10000};
+  // A finished round keeps its inputs and results this long, to answer a backup that takes over
+  // the share of a reducer that died after this peer got its result. Should be >= the timeout
+  // of the rounds.
+  std::chrono::milliseconds grace_period{60000};
+};
+
+// Serves the reducer side of every round on `node` and runs rounds. Several rounds (different
+// group ids) may run at once from different threads. Must outlive the rounds it runs; the node
+// must outlive the service.
+class AllReduceService {
+ public:
+  explicit AllReduceService(net::Node& node, AllReduceServiceOptions options = {});
+  ~AllReduceService();
+  AllReduceService(const AllReduceService&) = delete;
+  AllReduceService& operator=(const AllReduceService&) = delete;
+
+  // Replaces `data` by the weighted mean sum(w_i x_i) / sum(w_i) over the contributors of each
+  // part; every successful contributor ends with bitwise identical data. `weight` is ignored for
+  // auxiliary members (they contribute nothing and their `data` is left unchanged; its size still
+  // must match). On error `data` is unchanged.
+  Result<AllReduceReport> AllReduce(const Group& group, std::vector<float>& data, float weight,
+                                    const AllReduceOptions& options = {});
+
+  class Impl;
+
+ private:
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace hivemind::averaging

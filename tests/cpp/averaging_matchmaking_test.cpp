@@ -1,0 +1,338 @@
+// Matchmaker (averaging/matchmaking.h) over real DhtRunners on 127.0.0.1, several in one process:
+// groups of 2, 4 and 8, a target size that splits a swarm, schema separation, a group too small, a
+// leader that dies mid-search, the metadata all-gather, and Moshpit keys driving real rounds.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "averaging/group_key.h"
+#include "averaging/matchmaking.h"
+#include "dht/dht_runner.h"
+#include "test_util.h"
+
+namespace hivemind::averaging {
+namespace {
+
+using std::chrono::milliseconds;
+using SteadyClock = std::chrono::steady_clock;
+
+dht::DhtRunnerOptions LocalOptions(std::vector<std::string> initial_peers = {}) {
+  dht::DhtRunnerOptions options;
+  options.initial_peers = std::move(initial_peers);
+  options.listen_addresses = {"/ip4/127.0.0.1/tcp/0"};
+  options.call_timeout = milliseconds(1000);
+  options.bootstrap_timeout = milliseconds(10000);
+  options.maintenance_period = milliseconds(100);
+  return options;
+}
+
+class MatchmakingTest : public ::testing::Test {
+ protected:
+  void StartSwarm(size_t size) {
+    for (size_t i = 0; i < size; ++i) {
+      auto runner = dht::DhtRunner::Start(
+          LocalOptions(i == 0 ? std::vector<std::string>{} : runners_[0]->visible_addresses()));
+      ASSERT_TRUE(runner.ok()) << runner.status().ToString();
+      runners_.push_back(std::move(runner).value());
+      matchmakers_.push_back(std::make_unique<Matchmaker>(*runners_.back()));
+    }
+  }
+
+  MatchmakingOptions Options(const std::string& key, int target) {
+    MatchmakingOptions options;
+    options.group_key = key;
+    options.schema_hash = "schema-1";
+    options.target_group_size = target;
+    options.min_group_size = 2;
+    options.window = milliseconds(500);
+    options.timeout = milliseconds(5000);
+    return options;
+  }
+
+  // Runs FormGroup on peers [0, options.size()) at once, each on its own thread.
+  std::vector<Result<FormedGroup>> FormAll(const std::vector<MatchmakingOptions>& options,
+                                           size_t first_peer = 0) {
+    std::vector<std::optional<Result<FormedGroup>>> slots(options.size());
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < options.size(); ++i) {
+      threads.emplace_back(
+          [&, i] { slots[i] = matchmakers_[first_peer + i]->FormGroup(options[i]); });
+    }
+    for (auto& t : threads) t.join();
+    std::vector<Result<FormedGroup>> results;
+    for (auto& slot : slots) results.push_back(std::move(*slot));
+    return results;
+  }
+
+  void TearDown() override {
+    matchmakers_.clear();
+    for (auto& r : runners_) r->Shutdown();
+  }
+
+  std::vector<std::unique_ptr<dht::DhtRunner>> runners_;
+  std::vector<std::unique_ptr<Matchmaker>> matchmakers_;
+};
+
+// Everyone in one group: identical digests, distinct indices, and every member's metadata.
+void ExpectOneGroup(const std::vector<Result<FormedGroup>>& results,
+                    const std::vector<std::string>& peer_ids) {
+  ASSERT_FALSE(results.empty());
+  for (const auto& r : results) ASSERT_TRUE(r.ok()) << r.status().ToString();
+  const std::string digest = results[0]->group.Digest();
+  std::set<int> indices;
+  int leaders = 0;
+  double slowest = 0;
+  for (size_t i = 0; i < results.size(); ++i) {
+    const auto& formed = results[i].value();
+    EXPECT_EQ(formed.group.Digest(), digest);
+    EXPECT_EQ(formed.group.members.size(), results.size());
+    EXPECT_EQ(formed.group.members[formed.group.my_index].address.peer_id.ToString(), peer_ids[i]);
+    EXPECT_TRUE(formed.unconfirmed_members.empty());
+    indices.insert(formed.group.my_index);
+    leaders += formed.led ? 1 : 0;
+    slowest = std::max(slowest, formed.seconds);
+    // The all-gather: member j's metadata is "meta-" + its peer id, wherever j landed.
+    ASSERT_EQ(formed.metadata.size(), formed.group.members.size());
+    for (size_t j = 0; j < formed.metadata.size(); ++j) {
+      EXPECT_EQ(formed.metadata[j], "meta-" + formed.group.members[j].address.peer_id.ToString());
+    }
+  }
+  EXPECT_EQ(indices.size(), results.size());
+  EXPECT_EQ(leaders, 1);
+  std::printf("  %zu peers formed one group in %.1f ms (slowest member)\n", results.size(),
+              slowest * 1000);
+}
+
+TEST_F(MatchmakingTest, TwoFourAndEightPeersFormOneGroupQuickly) {
+  StartSwarm(8);
+  for (size_t n : {2, 4, 8}) {
+    std::vector<MatchmakingOptions> options;
+    std::vector<std::string> ids;
+    for (size_t i = 0; i < n; ++i) {
+      options.push_back(Options("run.flat" + std::to_string(n), static_cast<int>(n)));
+      options.back().metadata = "meta-" + runners_[i]->peer_id();
+      ids.push_back(runners_[i]->peer_id());
+    }
+    ExpectOneGroup(FormAll(options), ids);
+  }
+  // Consecutive rounds under the same key work too (old declarations were retracted).
+  std::vector<MatchmakingOptions> options;
+  std::vector<std::string> ids;
+  for (size_t i = 0; i < 4; ++i) {
+    options.push_back(Options("run.flat4", 4));
+    options.back().metadata = "meta-" + runners_[i]->peer_id();
+    ids.push_back(runners_[i]->peer_id());
+  }
+  ExpectOneGroup(FormAll(options), ids);
+}
+
+TEST_F(MatchmakingTest, WithoutATargetTheWindowSealsTheGroup) {
+  StartSwarm(3);
+  std::vector<MatchmakingOptions> options;
+  std::vector<std::string> ids;
+  for (size_t i = 0; i < 3; ++i) {
+    options.push_back(Options("run.window", 0));
+    options.back().window = milliseconds(300);
+    options.back().metadata = "meta-" + runners_[i]->peer_id();
+    ids.push_back(runners_[i]->peer_id());
+  }
+  auto results = FormAll(options);
+  ExpectOneGroup(results, ids);
+  for (const auto& r : results) EXPECT_GE(r->seconds, 0.25);
+}
+
+TEST_F(MatchmakingTest, EightPeersWithTargetFourMakeTwoGroupsOfFour) {
+  StartSwarm(8);
+  std::vector<MatchmakingOptions> options(8, Options("run.split", 4));
+  for (size_t i = 0; i < 8; ++i) options[i].metadata = "meta-" + runners_[i]->peer_id();
+  auto results = FormAll(options);
+  std::map<std::string, std::vector<const FormedGroup*>> groups;
+  for (const auto& r : results) {
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    groups[r->group.id].push_back(&r.value());
+  }
+  ASSERT_EQ(groups.size(), 2u);
+  for (const auto& [id, members] : groups) {
+    ASSERT_EQ(members.size(), 4u);
+    std::set<int> indices;
+    for (const auto* m : members) {
+      EXPECT_EQ(m->group.Digest(), members[0]->group.Digest());
+      EXPECT_EQ(m->group.members.size(), 4u);
+      indices.insert(m->group.my_index);
+    }
+    EXPECT_EQ(indices.size(), 4u);
+  }
+}
+
+TEST_F(MatchmakingTest, DifferentSchemasNeverShareAGroup) {
+  StartSwarm(6);
+  // Under one key on purpose: the leader's check must keep them apart, not only the key.
+  std::vector<MatchmakingOptions> options(6, Options("run.schemas", 0));
+  for (size_t i = 0; i < 6; ++i) {
+    options[i].schema_hash = i % 2 == 0 ? "schema-A" : "schema-B";
+    options[i].window = milliseconds(400);
+    options[i].metadata = "meta-" + runners_[i]->peer_id();
+  }
+  auto results = FormAll(options);
+  std::map<std::string, std::set<std::string>> schemas_by_group;
+  std::map<std::string, size_t> sizes;
+  for (size_t i = 0; i < 6; ++i) {
+    ASSERT_TRUE(results[i].ok()) << results[i].status().ToString();
+    schemas_by_group[results[i]->group.id].insert(options[i].schema_hash);
+    ++sizes[results[i]->group.id];
+  }
+  EXPECT_EQ(schemas_by_group.size(), 2u);
+  for (const auto& [id, schemas] : schemas_by_group) EXPECT_EQ(schemas.size(), 1u);
+  for (const auto& [id, size] : sizes) EXPECT_EQ(size, 3u);
+  // And the keys a GroupKeyManager builds differ anyway.
+  EXPECT_NE(MakeGroupKey("run", "schema-A", {}), MakeGroupKey("run", "schema-B", {}));
+}
+
+TEST_F(MatchmakingTest, TooFewPeersFailsWithAClearErrorWithinTheTimeout) {
+  StartSwarm(2);
+  auto options = Options("run.alone", 0);
+  options.window = milliseconds(200);
+  options.timeout = milliseconds(1000);
+  const auto start = SteadyClock::now();
+  auto result = matchmakers_[0]->FormGroup(options);
+  const double seconds = std::chrono::duration<double>(SteadyClock::now() - start).count();
+  ASSERT_FALSE(result.ok());
+  EXPECT_EQ(result.status().code(), StatusCode::kDeadlineExceeded);
+  const std::string& message = result.status().message();
+  EXPECT_NE(message.find("run.alone"), std::string::npos) << message;
+  EXPECT_NE(message.find("1 peer(s) declared"), std::string::npos) << message;
+  EXPECT_NE(message.find("min_group_size is 2"), std::string::npos) << message;
+  EXPECT_LT(seconds, 2.0);
+  std::printf("  error after %.0f ms: %s\n", seconds * 1000, message.c_str());
+
+  // min_group_size 3 with two peers: both fail, both say why.
+  std::vector<MatchmakingOptions> two(2, options);
+  for (auto& o : two) o.min_group_size = 3;
+  for (const auto& r : FormAll(two)) {
+    ASSERT_FALSE(r.ok());
+    EXPECT_NE(r.status().message().find("min_group_size is 3"), std::string::npos)
+        << r.status().message();
+  }
+}
+
+TEST_F(MatchmakingTest, BadOptionsAreRejected) {
+  StartSwarm(1);
+  auto options = Options("", 0);
+  EXPECT_EQ(matchmakers_[0]->FormGroup(options).status().code(), StatusCode::kInvalidArgument);
+  options = Options("run.bad", 2);
+  options.min_group_size = 3;
+  EXPECT_EQ(matchmakers_[0]->FormGroup(options).status().code(), StatusCode::kInvalidArgument);
+  options = Options("run.bad", 2);
+  options.metadata = std::string(options.max_metadata_bytes + 1, 'x');
+  EXPECT_EQ(matchmakers_[0]->FormGroup(options).status().code(), StatusCode::kInvalidArgument);
+}
+
+TEST_F(MatchmakingTest, LeaderShutDownMidSearchLeavesTheOthersAGroupOrAClearError) {
+  StartSwarm(5);
+  // Peer 1 declares first, so it leads; the target is never reached, so it waits for its window.
+  auto options = Options("run.leaderdies", 10);
+  options.window = milliseconds(800);
+  options.request_timeout = milliseconds(300);
+  options.timeout = milliseconds(6000);
+  std::optional<Result<FormedGroup>> leader_result;
+  std::thread leader([&] { leader_result = matchmakers_[1]->FormGroup(options); });
+  // Wait (bounded, polling) until the leader's declaration is in the DHT.
+  const auto poll_deadline = SteadyClock::now() + milliseconds(3000);
+  while (SteadyClock::now() < poll_deadline) {
+    auto got = runners_[0]->Get("run.leaderdies", true);
+    if (got.ok() && got.value() && got.value()->dictionary.size() >= 1) break;
+    std::this_thread::sleep_for(milliseconds(5));
+  }
+  std::vector<std::optional<Result<FormedGroup>>> others(3);
+  std::vector<std::thread> threads;
+  const auto start = SteadyClock::now();
+  for (size_t i = 0; i < 3; ++i) {
+    threads.emplace_back([&, i] { others[i] = matchmakers_[2 + i]->FormGroup(options); });
+  }
+  // Let the followers reach the leader, then kill it: its node goes away without a word.
+  std::this_thread::sleep_for(milliseconds(150));
+  runners_[1]->Shutdown();
+  for (auto& t : threads) t.join();
+  leader.join();
+  const double seconds = std::chrono::duration<double>(SteadyClock::now() - start).count();
+  EXPECT_LT(seconds, 6.5);
+  // The dead leader's own call ends too (its DHT is gone), with an error.
+  ASSERT_TRUE(leader_result.has_value());
+  EXPECT_FALSE(leader_result->ok());
+  std::printf("  dead leader's own call: %s\n", leader_result->status().ToString().c_str());
+  std::string digest;
+  for (auto& r : others) {
+    ASSERT_TRUE(r.has_value());
+    ASSERT_TRUE(r->ok()) << r->status().ToString();
+    EXPECT_EQ((*r)->group.members.size(), 3u);
+    if (digest.empty()) digest = (*r)->group.Digest();
+    EXPECT_EQ((*r)->group.Digest(), digest);
+    for (const auto& m : (*r)->group.members) {
+      EXPECT_NE(m.address.peer_id.ToString(), runners_[1]->peer_id());
+    }
+  }
+  std::printf("  survivors regrouped %.0f ms after the search began\n", seconds * 1000);
+}
+
+TEST_F(MatchmakingTest, MoshpitKeysMixPairsAcrossRounds) {
+  // 4 peers on a 2x2 grid: round 1 pairs peers that share a coordinate, round 2 must pair each
+  // with someone it has not met, so after two rounds everyone holds the global mean.
+  StartSwarm(4);
+  std::vector<GroupKeyManager> keys;
+  for (int i = 0; i < 4; ++i) {
+    GroupKeyOptions k;
+    k.prefix = "moshpit";
+    k.schema_hash = "schema-1";
+    k.grid_side = 2;
+    k.grid_dims = 2;
+    k.rank = i;
+    keys.push_back(GroupKeyManager::Create(k).value());
+  }
+  std::vector<double> values = {1, 2, 3, 10};
+  std::set<std::pair<int, int>> met_before;
+  for (int round = 0; round < 2; ++round) {
+    std::set<std::pair<int, int>> met_now;
+    std::vector<MatchmakingOptions> options;
+    for (int i = 0; i < 4; ++i) {
+      options.push_back(Options(keys[i].CurrentKey(), 2));
+      options.back().metadata = std::to_string(values[i]);
+    }
+    auto results = FormAll(options);
+    std::vector<double> next(4);
+    for (int i = 0; i < 4; ++i) {
+      ASSERT_TRUE(results[i].ok()) << results[i].status().ToString();
+      const auto& formed = results[i].value();
+      ASSERT_EQ(formed.group.members.size(), 2u);
+      double sum = 0;
+      for (const auto& m : formed.metadata) sum += std::stod(m);  // the all-gather as averaging
+      next[i] = sum / 2;
+      for (int j = 0; j < 4; ++j) {
+        if (j != i && formed.group.members[1 - formed.group.my_index].address.peer_id.ToString() ==
+                          runners_[j]->peer_id()) {
+          const std::pair<int, int> pair{std::min(i, j), std::max(i, j)};
+          EXPECT_EQ(met_before.count(pair), 0u) << "peers " << i << " and " << j << " met twice";
+          met_now.insert(pair);
+        }
+      }
+      ASSERT_TRUE(keys[i]
+                      .OnGroupAssembled(formed.group.id, formed.group.my_index,
+                                        static_cast<int>(formed.group.members.size()))
+                      .ok());
+    }
+    EXPECT_EQ(met_now.size(), 2u);
+    met_before.insert(met_now.begin(), met_now.end());
+    values = next;
+  }
+  for (double v : values) EXPECT_DOUBLE_EQ(v, 4.0);
+}
+
+}  // namespace
+}  // namespace hivemind::averaging
