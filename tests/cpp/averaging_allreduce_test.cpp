@@ -136,8 +136,9 @@ void ExpectConsistentMeans(const Group& group, const Outcome& outcome,
       continue;
     }
     ASSERT_EQ(outcome.data[i].size(), outcome.data[reference].size());
-    EXPECT_EQ(0, std::memcmp(outcome.data[i].data(), outcome.data[reference].data(),
-                             outcome.data[i].size() * sizeof(float)))
+    EXPECT_TRUE(outcome.data[i].empty() ||
+                std::memcmp(outcome.data[i].data(), outcome.data[reference].data(),
+                            outcome.data[i].size() * sizeof(float)) == 0)
         << "members " << reference << " and " << i << " diverged";
     const auto& a = outcome.results[i]->value().parts;
     const auto& b = outcome.results[reference]->value().parts;
@@ -489,6 +490,13 @@ TEST(AllReduce, MalformedPartsExcludeOnlyTheirSender) {
   }
 }
 
+// Sanitizer builds run several times slower; timeouts that decide liveness scale with them.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr int kSlowdown = 3;
+#else
+constexpr int kSlowdown = 1;
+#endif
+
 // ---- chaos: one node shut down at a seeded random point of the round ----
 
 TEST(AllReduceChaos, SurvivorsAgreeWhenOnePeerDies) {
@@ -517,10 +525,13 @@ TEST(AllReduceChaos, SurvivorsAgreeWhenOnePeerDies) {
                  " after=" + std::to_string(kill_after));
 
     AllReduceOptions options;
-    // Generous against a loaded 2-core machine: a live peer must not look dead.
-    options.timeout = Milliseconds(8000);
-    options.sender_timeout = Milliseconds(1500);
-    options.reducer_timeout = Milliseconds(3000);
+    // Generous against a loaded 2-core machine (and sanitizer builds, several times slower): a
+    // live peer must not look dead. The victim's death is seen through its broken streams, so the
+    // progress-based reducer suspicion is left out here: a live reducer suspected only for being
+    // slow can make two backups take over one share (docs/averaging.md, "Known gaps").
+    options.timeout = Milliseconds(8000 * kSlowdown);
+    options.sender_timeout = Milliseconds(1500 * kSlowdown);
+    options.reducer_timeout = options.timeout;
     options.part_elements = 32;
     std::vector<AllReduceOptions> per_member(n, options);
     test::Notification kill;
@@ -553,7 +564,7 @@ TEST(AllReduceChaos, SurvivorsAgreeWhenOnePeerDies) {
     bool all_survivors_succeeded = true;
     for (int i = 0; i < n; ++i) {
       // No hang: every member, the victim too, ends within its timeout (plus scheduling slack).
-      EXPECT_LE(outcome.seconds[i], 8.0 + 2.0) << "member " << i;
+      EXPECT_LE(outcome.seconds[i], 8.0 * kSlowdown + 2.0) << "member " << i;
       if (killed && i == victim) continue;
       ASSERT_TRUE(outcome.results[i].has_value());
       if (outcome.results[i]->ok()) {
