@@ -3,8 +3,15 @@
 import torch  # noqa: F401  (must be loaded first: _C links against libtorch and libtorch_python)
 
 from hivemind_backend import _C
+from hivemind_backend.averager import DecentralizedAverager
 from hivemind_backend.dht import DHT, ValueWithExpiration, get_dht_time
 
 __version__: str = _C.version()
 
-__all__ = ["__version__", "DHT", "ValueWithExpiration", "get_dht_time"]
+__all__ = [
+    "__version__",
+    "DHT",
+    "DecentralizedAverager",
+    "ValueWithExpiration",
+    "get_dht_time",
+]

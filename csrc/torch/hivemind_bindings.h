@@ -10,4 +10,8 @@ namespace hivemind::python {
 // hivemind_backend._C._DhtRunner and friends (dht_bindings.cpp); wrapped by hivemind_backend.dht.
 void RegisterDhtBindings(pybind11::module_& m);
 
+// hivemind_backend._C._Averager and _FormedGroup (averaging_bindings.cpp); wrapped by
+// hivemind_backend.averager. Needs _DhtRunner registered first (it takes one).
+void RegisterAveragingBindings(pybind11::module_& m);
+
 }  // namespace hivemind::python

@@ -21,4 +21,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sodium_version", &hivemind::SodiumVersion,
         "Version of the libsodium loaded in this process.");
   hivemind::python::RegisterDhtBindings(m);
+  hivemind::python::RegisterAveragingBindings(m);
 }

@@ -1,0 +1,347 @@
+"""hivemind_backend.DecentralizedAverager over real DHT peers and sockets on 127.0.0.1, several
+peers in one process (each with its own DHT; steps run on threads, the network work runs in C++
+without the GIL)."""
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pytest
+import torch
+
+import hivemind_backend
+from hivemind_backend import DHT, DecentralizedAverager
+
+LOCAL = ["/ip4/127.0.0.1/tcp/0"]
+
+
+def local_dht(initial_peers=None, **kwargs) -> DHT:
+    return DHT(initial_peers, host_maddrs=LOCAL, wait_timeout=1.0, **kwargs)
+
+
+@pytest.fixture
+def swarm():
+    first = local_dht()
+    peers = [first] + [local_dht(first.get_visible_maddrs()) for _ in range(3)]
+    yield peers
+    for peer in peers:
+        peer.shutdown()
+
+
+@pytest.fixture
+def averagers():
+    """Makes averagers that are shut down at the end of the test."""
+    made = []
+
+    def make(*args, **kwargs):
+        averager = DecentralizedAverager(*args, **kwargs)
+        made.append(averager)
+        return averager
+
+    yield make
+    for averager in made:
+        averager.shutdown()
+
+
+def step_all(group, **kwargs_per_peer):
+    """Runs step() on every averager at once, one thread each; kwargs_per_peer maps an argument
+    name to a list with one value per averager."""
+    with ThreadPoolExecutor(max_workers=len(group)) as pool:
+        futures = [
+            pool.submit(averager.step, **{k: v[i] for k, v in kwargs_per_peer.items()})
+            for i, averager in enumerate(group)
+        ]
+        return [future.result(timeout=60) for future in futures]
+
+
+def snapshot(averager):
+    with averager.get_tensors() as tensors:
+        return [tensor.clone() for tensor in tensors]
+
+
+def assert_identical(group):
+    """Every averager holds bitwise the same tensors."""
+    reference = snapshot(group[0])
+    for averager in group[1:]:
+        for mine, theirs in zip(snapshot(averager), reference):
+            assert mine.dtype == theirs.dtype
+            assert torch.equal(mine, theirs)
+    return reference
+
+
+# ---- averaging ----
+
+
+def test_one_step_gives_everyone_the_weighted_mean_and_the_gather(swarm, averagers):
+    torch.manual_seed(0)
+    inputs = [[torch.randn(5, 3), torch.randn(17)] for _ in swarm]
+    weights = [1.0, 2.0, 3.0, 4.0]
+    group = [
+        averagers([t.clone() for t in tensors], dht, prefix="mean", target_group_size=4)
+        for tensors, dht in zip(inputs, swarm)
+    ]
+    held = [snapshot(a) for a in group]  # to check that the update is in place
+    with group[0].get_tensors() as tensors:
+        originals = list(tensors)
+    gathers = [{"rank": i, "name": f"peer-{i}", "blob": bytes([i])} for i in range(4)]
+
+    results = step_all(group, gather=gathers, weight=weights)
+
+    expected = [
+        sum(w * tensors[k] for w, tensors in zip(weights, inputs)) / sum(weights)
+        for k in range(2)
+    ]
+    final = assert_identical(group)
+    for got, want in zip(final, expected):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(held[0][0], final[0])
+    with group[0].get_tensors() as tensors:
+        assert all(a is b for a, b in zip(tensors, originals))
+
+    by_peer = {dht.peer_id: gathers[i] for i, dht in enumerate(swarm)}
+    for averager, result in zip(group, results):
+        assert result == by_peer
+        report = averager.last_report
+        assert report["error"] is None
+        assert sorted(report["contributors"]) == sorted(by_peer)
+        assert report["failed_peers"] == [] and report["partial_contributors"] == []
+    assert len({a.last_report["group_id"] for a in group}) == 1
+    assert sum(a.last_report["led"] for a in group) == 1
+
+
+def test_mixed_dtypes_are_averaged_in_float32_and_written_back_in_place(swarm, averagers):
+    def tensors_of(i):
+        base = torch.arange(12, dtype=torch.float32) * (i + 1) / 7
+        return [
+            base.to(torch.float64).reshape(3, 4),
+            base.to(torch.float16)[:6].clone(),
+            base.to(torch.bfloat16).reshape(4, 3),
+            base.reshape(4, 3).t(),  # non-contiguous: written back through its strides
+        ]
+
+    inputs = [tensors_of(i) for i in range(3)]
+    group = [
+        averagers([t.clone() for t in inputs[i]], swarm[i], prefix="dtypes", target_group_size=3)
+        for i in range(3)
+    ]
+    assert len({a.schema_hash for a in group}) == 1
+    assert all(r is not None for r in step_all(group))
+
+    final = assert_identical(group)
+    for k, got in enumerate(final):
+        assert got.dtype == inputs[0][k].dtype and got.shape == inputs[0][k].shape
+        # The mean of the float32-converted inputs, rounded to the tensor's own dtype.
+        want = (sum(inputs[i][k].to(torch.float32) for i in range(3)) / 3).to(got.dtype)
+        tolerance = 1e-6 if got.dtype in (torch.float32, torch.float64) else 1e-2
+        assert torch.allclose(got, want, rtol=tolerance, atol=tolerance)
+    assert final[3].stride() == inputs[0][3].stride()
+
+
+def test_moshpit_two_rounds_of_pairs_reach_the_exact_global_mean(swarm, averagers):
+    values = [1.0, 2.0, 3.0, 10.0]
+    bits = ["0", "0", "1", "1"]
+    group = [
+        averagers([torch.full((4,), value), torch.full((2, 2), -value)], dht, prefix="grid",
+                  target_group_size=2, initial_group_bits=bit)
+        for value, dht, bit in zip(values, swarm, bits)
+    ]
+    assert [a.get_group_bits() for a in group] == bits
+    global_mean = sum(values) / 4
+
+    results = step_all(group)
+    met_first = [frozenset(r) for r in results]
+    assert all(len(r) == 2 for r in met_first)
+    # Round 1 averages within each bit bucket only: {1, 2} and {3, 10}.
+    assert snapshot(group[0])[0][0].item() == pytest.approx(1.5)
+    assert snapshot(group[3])[0][0].item() == pytest.approx(6.5)
+    # Former partners move to different buckets, so the next groups mix the pairs.
+    assert group[0].get_group_bits() != group[1].get_group_bits()
+    assert group[2].get_group_bits() != group[3].get_group_bits()
+
+    results = step_all(group)
+    assert all(len(r) == 2 for r in results)
+    assert not set(met_first) & {frozenset(r) for r in results}
+    for averager in group:
+        first, second = snapshot(averager)
+        assert torch.allclose(first, torch.full((4,), global_mean), atol=1e-6)
+        assert torch.allclose(second, torch.full((2, 2), -global_mean), atol=1e-6)
+
+
+def test_a_peer_shut_down_before_the_step_leaves_the_others_averaging(swarm, averagers):
+    group = [
+        averagers([torch.full((8,), float(i))], dht, prefix="survive", target_group_size=4,
+                  min_matchmaking_time=0.3)
+        for i, dht in enumerate(swarm)
+    ]
+    assert all(len(r) == 4 for r in step_all(group))  # everyone now holds 1.5
+
+    with group[3].get_tensors() as tensors:
+        tensors[0].fill_(100.0)
+    group[3].shutdown()
+    swarm[3].shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        group[3].step()
+
+    survivors = group[:3]
+    for i, averager in enumerate(survivors):
+        with averager.get_tensors() as tensors:
+            tensors[0].fill_(float(i))
+    # Below target_group_size, the leader seals what it has at the end of its window.
+    results = step_all(survivors)
+    alive = {dht.peer_id for dht in swarm[:3]}
+    for result in results:
+        assert set(result) == alive
+    assert torch.equal(assert_identical(survivors)[0], torch.full((8,), 1.0))
+
+
+def test_no_group_returns_none_and_says_why(swarm, averagers):
+    alone = averagers([torch.ones(3)], swarm[0], prefix="lonely", min_group_size=2)
+    # Same prefix, another layout: the two never meet.
+    other = averagers([torch.ones(4)], swarm[1], prefix="lonely", min_group_size=2)
+    assert alone.group_key != other.group_key
+
+    results = step_all([alone, other], timeout=[0.6, 0.6])
+    assert results == [None, None]
+    for averager in (alone, other):
+        assert "found no group" in averager.last_report["error"]
+        assert averager.last_report["attempts"] >= 1
+    with alone.get_tensors() as tensors:
+        assert torch.equal(tensors[0], torch.ones(3))
+
+    assert alone.step(timeout=0.3, allow_retries=False) is None
+    assert alone.last_report["attempts"] == 1
+
+
+def test_wait_false_returns_futures_and_averagers_can_share_a_dht(swarm, averagers):
+    # Two averagers per DHT (different prefixes) run at the same time on shared services.
+    a = [averagers([torch.full((3,), float(i))], swarm[i], prefix="left", target_group_size=2)
+         for i in range(2)]
+    b = [averagers([torch.full((2,), 10.0 * i)], swarm[i], prefix="right", target_group_size=2)
+         for i in range(2)]
+    futures = [averager.step(gather=i, wait=False) for i, averager in enumerate(a + b)]
+    assert all(isinstance(f, Future) for f in futures)
+    results = [f.result(timeout=60) for f in futures]
+    assert results[0] == results[1] == {swarm[0].peer_id: 0, swarm[1].peer_id: 1}
+    assert results[2] == results[3] == {swarm[0].peer_id: 2, swarm[1].peer_id: 3}
+    assert torch.equal(assert_identical(a)[0], torch.full((3,), 0.5))
+    assert torch.equal(assert_identical(b)[0], torch.full((2,), 5.0))
+
+
+def wait_until(condition, timeout=10.0, what="condition"):
+    """Polls `condition` until it is truthy; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout} s")
+        time.sleep(0.01)
+
+
+def declarations(dht, key):
+    found = dht.get(key, latest=True)
+    return len(found.value) if found is not None and isinstance(found.value, dict) else 0
+
+
+def test_client_mode_peer_contributes_and_receives(swarm, averagers):
+    with local_dht(swarm[0].get_visible_maddrs(), client_mode=True) as client_dht:
+        client = averagers([torch.full((5,), 9.0)], client_dht, prefix="clients",
+                           target_group_size=3)
+        assert client.mode == "client"
+        normal = [
+            averagers([torch.full((5,), float(i))], swarm[i], prefix="clients",
+                      target_group_size=3)
+            for i in range(2)
+        ]
+        # The client starts once the others have declared: the matchmaker lets a peer ask only
+        # peers that declared before it, so a client that declares first is never grouped (a
+        # limitation of csrc/averaging/matchmaking.cpp, see docs/averaging.md).
+        futures = [averager.step(wait=False) for averager in normal]
+        wait_until(lambda: declarations(swarm[0], client.group_key) >= 2, what="declarations")
+        futures.append(client.step(wait=False))
+        results = [future.result(timeout=60) for future in futures]
+        assert all(len(r) == 3 for r in results)
+        assert torch.equal(assert_identical(normal + [client])[0], torch.full((5,), 10.0 / 3))
+        assert sorted(client.last_report["modes"]) == ["client", "normal", "normal"]
+
+
+def test_auxiliary_peer_reduces_but_keeps_its_tensors(swarm, averagers):
+    helper = averagers([torch.full((6,), 50.0)], swarm[2], prefix="aux", target_group_size=3,
+                       auxiliary=True)
+    group = [averagers([torch.full((6,), float(i))], swarm[i], prefix="aux", target_group_size=3)
+             for i in range(2)]
+    results = step_all(group + [helper], gather=["a", "b", "helper"])
+    assert all(r == results[0] for r in results) and len(results[0]) == 3
+    assert torch.equal(assert_identical(group)[0], torch.full((6,), 0.5))
+    assert torch.equal(snapshot(helper)[0], torch.full((6,), 50.0))
+    assert sorted(helper.last_report["modes"]) == ["auxiliary", "normal", "normal"]
+
+
+def test_step_on_a_stopped_dht_fails_at_once(swarm, averagers):
+    averager = averagers([torch.ones(2)], swarm[1], prefix="stopped")
+    swarm[1].shutdown()
+    assert averager.step(timeout=30) is None
+    assert "DHT is shut down" in averager.last_report["error"]
+    assert averager.last_report["attempts"] <= 1
+
+
+# ---- bad input ----
+
+
+def test_bad_tensors_and_arguments_raise_clear_errors(swarm, averagers):
+    dht = swarm[0]
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        DecentralizedAverager([torch.empty(3, device="meta")], dht, prefix="bad")
+    with pytest.raises(TypeError, match="must be floating point"):
+        DecentralizedAverager([torch.zeros(3, dtype=torch.int64)], dht, prefix="bad")
+    with pytest.raises(TypeError, match="must be floating point"):
+        DecentralizedAverager([torch.zeros(3, dtype=torch.complex64)], dht, prefix="bad")
+    with pytest.raises(ValueError, match="dense"):
+        DecentralizedAverager([torch.eye(3).to_sparse()], dht, prefix="bad")
+    with pytest.raises(TypeError, match="list or tuple of tensors"):
+        DecentralizedAverager(torch.zeros(3), dht, prefix="bad")
+    with pytest.raises(TypeError, match=r"averaged_tensors\[1\] is a list"):
+        DecentralizedAverager([torch.zeros(3), [1.0]], dht, prefix="bad")
+    with pytest.raises(ValueError, match="empty"):
+        DecentralizedAverager([], dht, prefix="bad")
+    with pytest.raises(TypeError, match="hivemind_backend.DHT"):
+        DecentralizedAverager([torch.zeros(3)], "127.0.0.1", prefix="bad")
+    with pytest.raises(ValueError, match="contain no '.'"):
+        DecentralizedAverager([torch.zeros(3)], dht, prefix="a.b")
+    with pytest.raises(TypeError, match="prefix must be a str"):
+        DecentralizedAverager([torch.zeros(3)], dht, prefix=3)
+    with pytest.raises(ValueError, match="target_group_size must be at least 2"):
+        DecentralizedAverager([torch.zeros(3)], dht, prefix="bad", target_group_size=1)
+    with pytest.raises(ValueError, match="power of two"):
+        DecentralizedAverager([torch.zeros(3)], dht, prefix="bad", target_group_size=3,
+                              initial_group_bits="01")
+    with pytest.raises(ValueError, match="string of '0' and '1'"):
+        DecentralizedAverager([torch.zeros(3)], dht, prefix="bad", target_group_size=2,
+                              initial_group_bits="0x")
+    with pytest.raises(ValueError, match="incompatible"):
+        DecentralizedAverager([torch.zeros(3)], dht, prefix="bad", client_mode=True,
+                              auxiliary=True)
+    with pytest.raises(ValueError, match="request_timeout"):
+        DecentralizedAverager([torch.zeros(3)], dht, prefix="bad", request_timeout=0)
+
+    averager = averagers([torch.zeros(3)], dht, prefix="ok")
+    with pytest.raises(ValueError, match="weight"):
+        averager.step(weight=0)
+    with pytest.raises(TypeError, match="weight must be a number"):
+        averager.step(weight="heavy")
+    with pytest.raises(TypeError, match="cannot store a builtins.set"):
+        averager.step(gather={1, 2})
+    with pytest.raises(ValueError, match="the cap is"):
+        averager.step(gather=b"x" * (20 << 10))
+    with pytest.raises(ValueError, match="timeout"):
+        averager.step(timeout=-1)
+    with averager.get_tensors() as tensors:
+        tensors[0][1] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        averager.step(timeout=0.3)
+    averager.shutdown()
+    averager.shutdown()  # idempotent
+    with pytest.raises(RuntimeError, match="shut down"):
+        averager.step()
+
+
+def test_exported_at_top_level():
+    assert hivemind_backend.DecentralizedAverager is DecentralizedAverager
+    assert "DecentralizedAverager" in hivemind_backend.__all__
