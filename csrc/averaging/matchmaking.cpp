@@ -171,7 +171,10 @@ struct Matchmaker::Shared {
       reply.set_detail("malformed join request (metadata over the cap, bad bandwidth or mode)");
       return reply;
     }
-    if (!Before(search->declared_time, search->me, request.declared_time(), ctx.peer)) {
+    // Only later peers may join, so that requests never loop; a client-mode peer may join
+    // whenever it declared, since nobody asks it anything (see SearchRun::NextCandidate).
+    if (request.mode() != static_cast<int>(MemberMode::kClient) &&
+        !Before(search->declared_time, search->me, request.declared_time(), ctx.peer)) {
       reply.set_code(wire::JOIN_NOT_EARLIER);
       return reply;
     }
@@ -388,7 +391,13 @@ std::optional<Candidate> SearchRun::NextCandidate() {
   }
   const Candidate* best = nullptr;
   for (const auto& [id, c] : known_) {
-    if (!Before(c.declared_time, c.peer, search_->declared_time, search_->me)) continue;
+    // Peers only ask earlier peers, so requests never loop. Nobody asks a client-mode peer (it
+    // cannot be dialed), so a client asks every other peer, earliest first, or it would be left
+    // out whenever it declared first.
+    if (!dht_.client_mode() &&
+        !Before(c.declared_time, c.peer, search_->declared_time, search_->me)) {
+      continue;
+    }
     if (!usable(c)) continue;
     if (!best || Before(c.declared_time, c.peer, best->declared_time, best->peer)) best = &c;
   }

@@ -2,7 +2,6 @@
 peers in one process (each with its own DHT; steps run on threads, the network work runs in C++
 without the GIL)."""
 
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
@@ -226,20 +225,6 @@ def test_wait_false_returns_futures_and_averagers_can_share_a_dht(swarm, average
     assert torch.equal(assert_identical(b)[0], torch.full((2,), 5.0))
 
 
-def wait_until(condition, timeout=10.0, what="condition"):
-    """Polls `condition` until it is truthy; fails the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout} s")
-        time.sleep(0.01)
-
-
-def declarations(dht, key):
-    found = dht.get(key, latest=True)
-    return len(found.value) if found is not None and isinstance(found.value, dict) else 0
-
-
 def test_client_mode_peer_contributes_and_receives(swarm, averagers):
     with local_dht(swarm[0].get_visible_maddrs(), client_mode=True) as client_dht:
         client = averagers([torch.full((5,), 9.0)], client_dht, prefix="clients",
@@ -250,12 +235,10 @@ def test_client_mode_peer_contributes_and_receives(swarm, averagers):
                       target_group_size=3)
             for i in range(2)
         ]
-        # The client starts once the others have declared: the matchmaker lets a peer ask only
-        # peers that declared before it, so a client that declares first is never grouped (a
-        # limitation of csrc/averaging/matchmaking.cpp, see docs/averaging.md).
-        futures = [averager.step(wait=False) for averager in normal]
-        wait_until(lambda: declarations(swarm[0], client.group_key) >= 2, what="declarations")
-        futures.append(client.step(wait=False))
+        # The client starts first: nobody can ask a client to join, so it must find the normal
+        # peers that declare after it.
+        futures = [client.step(wait=False)]
+        futures += [averager.step(wait=False) for averager in normal]
         results = [future.result(timeout=60) for future in futures]
         assert all(len(r) == 3 for r in results)
         assert torch.equal(assert_identical(normal + [client])[0], torch.full((5,), 10.0 / 3))
