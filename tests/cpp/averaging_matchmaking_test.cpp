@@ -244,21 +244,25 @@ TEST_F(MatchmakingTest, LeaderShutDownMidSearchLeavesTheOthersAGroupOrAClearErro
   options.timeout = milliseconds(6000);
   std::optional<Result<FormedGroup>> leader_result;
   std::thread leader([&] { leader_result = matchmakers_[1]->FormGroup(options); });
-  // Wait (bounded, polling) until the leader's declaration is in the DHT.
-  const auto poll_deadline = SteadyClock::now() + milliseconds(3000);
-  while (SteadyClock::now() < poll_deadline) {
-    auto got = runners_[0]->Get("run.leaderdies", true);
-    if (got.ok() && got.value() && got.value()->dictionary.size() >= 1) break;
-    std::this_thread::sleep_for(milliseconds(5));
-  }
+  // Waits (bounded, polling) until `count` declarations are in the DHT.
+  auto wait_for_declarations = [&](size_t count) {
+    const auto deadline = SteadyClock::now() + milliseconds(3000);
+    while (SteadyClock::now() < deadline) {
+      auto got = runners_[0]->Get("run.leaderdies", true);
+      if (got.ok() && got.value() && got.value()->dictionary.size() >= count) return;
+      std::this_thread::sleep_for(milliseconds(5));
+    }
+  };
+  wait_for_declarations(1);
   std::vector<std::optional<Result<FormedGroup>>> others(3);
   std::vector<std::thread> threads;
   const auto start = SteadyClock::now();
   for (size_t i = 0; i < 3; ++i) {
     threads.emplace_back([&, i] { others[i] = matchmakers_[2 + i]->FormGroup(options); });
   }
-  // Let the followers reach the leader, then kill it: its node goes away without a word.
-  std::this_thread::sleep_for(milliseconds(150));
+  // Once every follower has declared (and so is asking the leader), kill the leader: its node
+  // goes away without a word.
+  wait_for_declarations(4);
   runners_[1]->Shutdown();
   for (auto& t : threads) t.join();
   leader.join();
