@@ -59,6 +59,14 @@ Status Malformed(const std::string& why) { return Status(StatusCode::kInvalidArg
 
 // Errors a reducer returns on purpose to a sender it refuses (rather than errors of a dead or
 // unreachable reducer): the sender must not treat them as the reducer's failure.
+// Why a member refuses a backup: it already follows a later backup of the same share.
+constexpr char kFollowsLaterBackup[] = "was already taken over further down";
+
+bool FollowsLaterBackup(const Status& status) {
+  return status.code() == StatusCode::kFailedPrecondition &&
+         status.message().find(kFollowsLaterBackup) != std::string::npos;
+}
+
 bool IsRefusal(const Status& status) {
   return status.code() == StatusCode::kFailedPrecondition ||
          status.code() == StatusCode::kInvalidArgument ||
@@ -720,6 +728,11 @@ void Round::RunTakeover(std::shared_ptr<Reduction> reduction) {
   for (auto& [m, channel] : channels) open_collect(m, channel);
   const size_t parts = reduction->state.size();
   Millis tick = std::max(Millis(10), options_.sender_timeout / 4);
+  // Set when a member refuses this collect because it already follows a later backup. Reducing
+  // without that member would hand it and the others different values for the same parts, so
+  // this backup steps aside: the later backup collects from this peer too, and adopts whatever
+  // this takeover already published.
+  bool follows_later_backup = false;
   std::unique_lock<std::mutex> lock(mutex_);
   while (true) {
     auto pending_output = [&] {
@@ -732,7 +745,7 @@ void Round::RunTakeover(std::shared_ptr<Reduction> reduction) {
       for (auto& [m, channel] : channels) {
         if (channel->read_ready) return true;
       }
-      return pending_output() || stopping_ || reduction->finished() ||
+      return pending_output() || stopping_ || reduction->finished() || follows_later_backup ||
              owner_pos_[share] != reduction->position;
     };
     cv_.wait_until(lock, std::min(reduction->deadline, Clock::now() + tick), ready);
@@ -747,7 +760,7 @@ void Round::RunTakeover(std::shared_ptr<Reduction> reduction) {
         readable.push_back(channel);
       }
     }
-    bool superseded = owner_pos_[share] != reduction->position;
+    bool superseded = owner_pos_[share] != reduction->position || follows_later_backup;
     bool finished = reduction->finished() && outgoing.empty();
     bool expired = Clock::now() >= reduction->deadline || stopping_;
     lock.unlock();
@@ -785,6 +798,10 @@ void Round::RunTakeover(std::shared_ptr<Reduction> reduction) {
       Status status = Status::Ok();
       bool dead = false;
       bool rearm = false;
+      if (!read.ok() && FollowsLaterBackup(read.status())) {
+        follows_later_backup = true;
+        break;
+      }
       if (!read.ok() && ShouldRetry(read.status(), *channel)) {
         open_collect(m, channel);
         continue;
@@ -1067,7 +1084,7 @@ Status Round::ServeCollect(const net::CallContext& context, Stream& stream,
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (owner_pos_[share] > position) {
-      return Refused("the share of " + Name(share) + " was already taken over further down");
+      return Refused("the share of " + Name(share) + " " + kFollowsLaterBackup);
     }
     // Freeze: from now on only this backup's results count for the share. What this peer already
     // holds is forwarded, so the backup adopts it instead of computing something different.
@@ -1167,7 +1184,8 @@ Status Round::ServeTakeover(Stream& stream, const wire::AveragingHeader& request
   }
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (owner_pos_[share] > position) return Refused("the share was taken over further down");
+    if (owner_pos_[share] > position)
+      return Refused(std::string("the share ") + kFollowsLaterBackup);
     for (size_t q = owner_pos_[share]; q < position; ++q) {
       NoteFailureLocked(chain[q], "reported failed by " + Name(request.sender()), false);
     }
