@@ -47,25 +47,9 @@ using averaging::MatchmakingOptions;
 using averaging::MemberMode;
 using dht::DhtRunner;
 
-// Raises the Python exception that matches `status`. Call with the GIL held. The codes that mean
-// "your input" become ValueError, timeouts TimeoutError, everything else RuntimeError with the
-// code name, so that the Python layer can tell bad arguments from network trouble.
+// Raises the Python exception that matches `status` (see SetPythonError). GIL held.
 [[noreturn]] void Raise(const Status& status) {
-  PyObject* type = PyExc_RuntimeError;
-  std::string text = status.ToString();
-  switch (status.code()) {
-    case StatusCode::kInvalidArgument:
-    case StatusCode::kResourceExhausted:
-      type = PyExc_ValueError;
-      text = status.message();
-      break;
-    case StatusCode::kDeadlineExceeded:
-      type = PyExc_TimeoutError;
-      break;
-    default:
-      break;
-  }
-  PyErr_SetString(type, text.c_str());
+  SetPythonError(status);
   throw py::error_already_set();
 }
 

@@ -45,26 +45,7 @@ void TranslateStatusError(std::exception_ptr error) {
   try {
     if (error) std::rethrow_exception(error);
   } catch (const StatusError& e) {
-    const Status& status = e.status();
-    PyObject* type = PyExc_RuntimeError;
-    std::string text = status.ToString();
-    switch (status.code()) {
-      case StatusCode::kInvalidArgument:
-      case StatusCode::kResourceExhausted:
-        // The caller's input: the message names the cause, the code would only add noise.
-        type = PyExc_ValueError;
-        text = status.message();
-        break;
-      case StatusCode::kDeadlineExceeded:
-        type = PyExc_TimeoutError;
-        break;
-      case StatusCode::kPermissionDenied:
-        type = PyExc_PermissionError;
-        break;
-      default:
-        break;
-    }
-    PyErr_SetString(type, text.c_str());
+    SetPythonError(e.status());
   }
 }
 
@@ -168,6 +149,28 @@ py::dict Stats(const DhtRunner& runner) {
 }
 
 }  // namespace
+
+void SetPythonError(const Status& status) {
+  PyObject* type = PyExc_RuntimeError;
+  std::string text = status.ToString();
+  switch (status.code()) {
+    case StatusCode::kInvalidArgument:
+    case StatusCode::kResourceExhausted:
+      // The caller's input: the message names the cause, the code would only add noise.
+      type = PyExc_ValueError;
+      text = status.message();
+      break;
+    case StatusCode::kDeadlineExceeded:
+      type = PyExc_TimeoutError;
+      break;
+    case StatusCode::kPermissionDenied:
+      type = PyExc_PermissionError;
+      break;
+    default:
+      break;
+  }
+  PyErr_SetString(type, text.c_str());
+}
 
 void RegisterDhtBindings(py::module_& m) {
   py::register_exception_translator(&TranslateStatusError);

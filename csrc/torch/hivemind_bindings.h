@@ -5,7 +5,15 @@
 
 #include <pybind11/pybind11.h>
 
+#include "common/status.h"
+
 namespace hivemind::python {
+
+// Sets the Python exception that matches a failed `status` (call with the GIL held): the codes
+// that mean "your input" become ValueError with the message alone, timeouts TimeoutError,
+// authentication failures PermissionError, everything else RuntimeError with the code name, so
+// that Python code can tell bad arguments from network trouble. Defined in dht_bindings.cpp.
+void SetPythonError(const Status& status);
 
 // hivemind_backend._C._DhtRunner and friends (dht_bindings.cpp); wrapped by hivemind_backend.dht.
 void RegisterDhtBindings(pybind11::module_& m);
