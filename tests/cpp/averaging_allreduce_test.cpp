@@ -265,13 +265,19 @@ TEST(AllReduce, AuxiliaryOnlyReducersAndLateStarters) {
   std::vector<float> weights = {1, 1, 4, 1};
   Group group = MakeGroup(peers, modes, "late");
   std::vector<AllReduceOptions> options(4, FastOptions(32));
+  // Members 2 and 3 start only once member 1 has sent a part: by then member 1's stream to the
+  // late reducer 3 has arrived before reducer 3's round exists.
+  test::Notification early_part_sent;
+  options[1].observer = [&early_part_sent](RoundEvent event, size_t) {
+    if (event == RoundEvent::kPartSent) early_part_sent.Notify();
+  };
   Outcome outcome;
   outcome.results.resize(4);
   outcome.data = inputs;
   std::vector<std::thread> threads;
   for (int i = 0; i < 4; ++i) {
     threads.emplace_back([&, i] {
-      if (i >= 2) std::this_thread::sleep_for(Milliseconds(300));  // a late start, not a sync
+      if (i >= 2) ASSERT_TRUE(early_part_sent.WaitFor(Milliseconds(10000)));
       Group mine = group;
       mine.my_index = i;
       outcome.results[i] =
