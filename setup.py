@@ -65,6 +65,7 @@ setup(
     version=VERSION,
     description="Decentralized deep learning as a PyTorch c10d backend (C++ over ZeroMQ)",
     packages=find_packages(include=["hivemind_backend", "hivemind_backend.*"]),
+    py_modules=["hivemind_backend_autoload"],
     ext_modules=[CMakeExtension("hivemind_backend._C")],
     cmdclass={"build_ext": CMakeBuild},
     # Keep setuptools' own build/lib.*, build/bdist.* out of the CMake tree build/.
@@ -72,5 +73,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.5"],
     zip_safe=False,
-    entry_points={"console_scripts": ["hivemind-dht = hivemind_backend.cli.run_dht:main"]},
+    entry_points={
+        "console_scripts": ["hivemind-dht = hivemind_backend.cli.run_dht:main"],
+        # `import torch` (>= 2.5) loads this, so backend="hivemind" needs no import.
+        "torch.backends": ["hivemind = hivemind_backend_autoload:register"],
+    },
 )

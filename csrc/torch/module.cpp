@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/version.h"
+#include "torch/c10d_bindings.h"
 #include "torch/hivemind_bindings.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -22,4 +23,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Version of the libsodium loaded in this process.");
   hivemind::python::RegisterDhtBindings(m);
   hivemind::python::RegisterAveragingBindings(m);
+  hivemind::python::RegisterC10dBindings(m);
 }

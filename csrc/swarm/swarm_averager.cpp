@@ -1,0 +1,291 @@
+#include "swarm/swarm_averager.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "averaging/group.h"
+#include "averaging/matchmaking.h"
+#include "common/logging.h"
+
+namespace hivemind::swarm {
+namespace {
+
+// Matchmaking keeps launches with a different schema apart: bump it when the group description
+// or the round protocol changes.
+constexpr char kSchema[] = "hivemind-c10d-swarm-v1";
+constexpr char kErrorPrefix[] = "error:";
+
+std::chrono::milliseconds Left(Clock::time_point deadline) {
+  return std::max(std::chrono::milliseconds(1),
+                  std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()));
+}
+
+std::string Text(const net::Message& message) {
+  return message.payloads.empty() ? std::string() : message.payloads.front().ToString();
+}
+
+}  // namespace
+
+SwarmAverager::SwarmAverager(Mailbox& mailbox, averaging::AllReduceService& allreduce,
+                             averaging::Matchmaker* matchmaker, LaunchInfo launch,
+                             SwarmOptions options)
+    : mailbox_(mailbox),
+      allreduce_(allreduce),
+      matchmaker_(matchmaker),
+      launch_(std::move(launch)),
+      options_(std::move(options)),
+      launch_alive_(launch_.ranks.size(), true) {}
+
+std::string SwarmAverager::NextOpId() {
+  return base_id_ + "." + std::to_string(shrinks_) + "/" + std::to_string(op_index_++);
+}
+
+Status SwarmAverager::EnsureGroup(Clock::time_point deadline) {
+  if (group_ && !regroup_wanted_) return Status::Ok();
+  regroup_wanted_ = false;
+  return Form(deadline);
+}
+
+Status SwarmAverager::Form(Clock::time_point deadline) {
+  ++epoch_;
+  group_.reset();
+  shrinks_ = 0;
+  op_index_ = 0;
+  while (true) {
+    int leader = 0;
+    while (!launch_alive_[leader]) ++leader;  // terminates: this rank is always alive
+    const std::string key =
+        launch_.launch_id + "/form/" + std::to_string(epoch_) + "/" + std::to_string(leader);
+    if (leader == launch_.rank) {
+      auto formed = LeadFormation(key, deadline);
+      if (!formed.ok()) return formed.status();
+      base_id_ = formed->id;
+      group_ = std::move(formed).value();
+      return Status::Ok();
+    }
+    auto message = mailbox_.Receive(launch_.ranks[leader], key, deadline);
+    if (!message.ok()) {
+      if (message.status().code() == StatusCode::kUnavailable) {
+        HM_LOG(kWarning) << "swarm: launch leader rank " << leader
+                        << " is unreachable; the next live rank takes over: "
+                        << message.status().ToString();
+        launch_alive_[leader] = false;
+        continue;
+      }
+      return message.status().WithContext("waiting for the group from rank " +
+                                          std::to_string(leader) + " (this launch's leader)");
+    }
+    const std::string text = Text(*message);
+    if (text.rfind(kErrorPrefix, 0) == 0) {
+      return Status(StatusCode::kUnavailable, "rank " + std::to_string(leader) +
+                                                  " (this launch's leader) could not form a "
+                                                  "group: " + text.substr(sizeof(kErrorPrefix) - 1));
+    }
+    auto group = SwarmGroup::Decode(text, mailbox_.node().peer_id());
+    if (!group.ok()) return group.status();
+    base_id_ = group->id;
+    group_ = std::move(group).value();
+    return Status::Ok();
+  }
+}
+
+Result<SwarmGroup> SwarmAverager::LeadFormation(const std::string& key,
+                                                Clock::time_point deadline) {
+  const int size = static_cast<int>(launch_.ranks.size());
+  std::vector<SwarmMember> mine;
+  for (int r = 0; r < size; ++r) {
+    if (!launch_alive_[r]) continue;
+    if (r != launch_.rank) {
+      Status alive = mailbox_.Ping(launch_.ranks[r],
+                                   std::min(options_.liveness_timeout, Left(deadline)));
+      if (!alive.ok()) {
+        HM_LOG(kWarning) << "swarm: rank " << r << " is left out of the new group: "
+                        << alive.ToString();
+        launch_alive_[r] = false;
+        continue;
+      }
+    }
+    mine.push_back(SwarmMember{launch_.ranks[r], launch_.launch_id, r, size});
+  }
+
+  SwarmGroup group;
+  Status failed;
+  if (options_.matchmaking_key.empty()) {
+    group.id = launch_.launch_id + "-" + std::to_string(epoch_);
+    group.members = mine;
+  } else {
+    averaging::MatchmakingOptions search;
+    search.group_key = options_.matchmaking_key;
+    search.schema_hash = kSchema;
+    search.metadata = EncodeMembers(mine);
+    search.min_group_size = options_.min_group_size;
+    search.target_group_size = options_.target_group_size;
+    search.window = options_.matchmaking_time;
+    search.request_timeout = options_.request_timeout;
+    search.timeout = Left(deadline);
+    auto formed = matchmaker_->FormGroup(search);
+    if (!formed.ok()) {
+      failed = formed.status();
+    } else {
+      group.id = HexId(formed->group.id);
+      for (const std::string& metadata : formed->metadata) {
+        auto members = DecodeMembers(metadata);
+        if (!members.ok()) {
+          failed = members.status().WithContext("a launch in the matched group");
+          break;
+        }
+        group.members.insert(group.members.end(), members->begin(), members->end());
+      }
+    }
+  }
+  for (size_t i = 0; failed.ok() && i < group.members.size(); ++i) {
+    if (group.members[i].address.peer_id == mailbox_.node().peer_id()) {
+      group.my_index = static_cast<int>(i);
+    }
+  }
+  if (failed.ok() && group.my_index < 0) {
+    failed = Status(StatusCode::kInternal, "the formed group does not contain this peer");
+  }
+
+  // Tell the other live ranks of this launch (about the failure too, so they fail at once).
+  const std::string body = failed.ok() ? group.Encode() : kErrorPrefix + failed.ToString();
+  std::vector<Future<net::Message>> sends;
+  for (const SwarmMember& member : mine) {
+    if (member.rank == launch_.rank) continue;
+    sends.push_back(mailbox_.SendAsync(member.address, key,
+                                       {net::Payload::FromString(body)}, deadline));
+  }
+  for (auto& send : sends) {
+    if (!send.Wait().ok()) {
+      // That rank will miss the first round and be dropped from the group after it.
+      HM_LOG(kWarning) << "swarm: could not hand the group to a rank: "
+                      << send.Wait().status().ToString();
+    }
+  }
+  if (!failed.ok()) return failed;
+  HM_LOG(kInfo) << "swarm: formed group " << group.id.substr(0, 16) << " with "
+               << group.members.size() << " ranks";
+  return group;
+}
+
+void SwarmAverager::Shrink(const std::vector<int>& keep) {
+  SwarmGroup next;
+  for (int index : keep) {
+    next.members.push_back(group_->members[index]);
+    if (index == group_->my_index) next.my_index = static_cast<int>(next.members.size()) - 1;
+  }
+  for (int i = 0; i < static_cast<int>(group_->members.size()); ++i) {
+    const SwarmMember& member = group_->members[i];
+    if (std::find(keep.begin(), keep.end(), i) != keep.end()) continue;
+    HM_LOG(kWarning) << "swarm: " << member.Describe() << " left the group";
+    if (member.launch_id == launch_.launch_id) launch_alive_[member.rank] = false;
+  }
+  ++shrinks_;
+  op_index_ = 0;
+  next.id = base_id_ + "." + std::to_string(shrinks_);
+  group_ = std::move(next);
+}
+
+Result<MeanReport> SwarmAverager::Mean(std::vector<float>& data, Clock::time_point deadline) {
+  Status ready = EnsureGroup(deadline);
+  if (!ready.ok()) return ready;
+  MeanReport report;
+  report.group = *group_;
+  const SwarmGroup& group = report.group;
+  const std::string round_id = NextOpId();
+  const int n = static_cast<int>(group.members.size());
+  if (n == 1) {
+    report.contributors = {0};
+    return report;
+  }
+
+  averaging::Group round;
+  round.id = round_id;
+  round.my_index = group.my_index;
+  for (const SwarmMember& member : group.members) {
+    averaging::GroupMember m;
+    m.address = member.address;
+    round.members.push_back(std::move(m));
+  }
+  averaging::AllReduceOptions options = options_.allreduce;
+  options.timeout = Left(deadline);
+  options.sender_timeout = std::min(options.sender_timeout, options.timeout);
+  options.reducer_timeout = std::min(options.reducer_timeout, options.timeout);
+
+  data.push_back(regroup_wanted_.exchange(false) ? 1.0f : 0.0f);
+  auto result = allreduce_.AllReduce(round, data, 1.0f, options);
+  if (!result.ok()) {
+    data.pop_back();
+    group_.reset();
+    return result.status().WithContext("all-reduce round in a group of " + std::to_string(n) +
+                                       " ranks");
+  }
+  const bool regroup = data.back() > 0;
+  data.pop_back();
+
+  std::vector<int> everywhere;
+  for (int i = 0; i < n; ++i) {
+    bool in_all = true;
+    for (const auto& part : result->parts) {
+      if (std::find(part.contributors.begin(), part.contributors.end(), i) ==
+          part.contributors.end()) {
+        in_all = false;
+        break;
+      }
+    }
+    if (in_all) everywhere.push_back(i);
+  }
+  report.contributors = everywhere;
+  report.failures = result->failures;
+  if (std::find(everywhere.begin(), everywhere.end(), group.my_index) == everywhere.end()) {
+    // The others dropped this peer (it was too slow): rejoin through a new formation.
+    group_.reset();
+  } else if (static_cast<int>(everywhere.size()) < n) {
+    Shrink(everywhere);
+  }
+  if (regroup) group_.reset();
+  return report;
+}
+
+Result<std::pair<SwarmGroup, std::vector<net::Payload>>> SwarmAverager::AllGather(
+    net::Payload mine, Clock::time_point deadline) {
+  Status ready = EnsureGroup(deadline);
+  if (!ready.ok()) return ready;
+  SwarmGroup group = *group_;
+  const std::string key = NextOpId() + "/gather";
+  const int n = static_cast<int>(group.members.size());
+  std::vector<Future<net::Message>> sends(n);
+  for (int j = 0; j < n; ++j) {
+    if (j != group.my_index) sends[j] = mailbox_.SendAsync(group.members[j].address, key, {mine}, deadline);
+  }
+  std::vector<net::Payload> all(n);
+  std::string failures;
+  for (int j = 0; j < n; ++j) {
+    if (j == group.my_index) {
+      all[j] = mine;
+      continue;
+    }
+    auto received = mailbox_.Receive(group.members[j].address, key, deadline);
+    Status sent = sends[j].Wait().status();
+    Status status = received.ok() ? sent : received.status();
+    if (!status.ok()) {
+      failures += (failures.empty() ? "" : "; ") + group.members[j].Describe() + ": " +
+                  status.ToString();
+      continue;
+    }
+    if (received->payloads.size() != 1) {
+      failures += (failures.empty() ? "" : "; ") + group.members[j].Describe() +
+                  ": sent a malformed message";
+      continue;
+    }
+    all[j] = std::move(received->payloads.front());
+  }
+  if (!failures.empty()) {
+    group_.reset();
+    return Status(StatusCode::kUnavailable, "exchange in a group of " + std::to_string(n) +
+                                                " ranks failed: " + failures);
+  }
+  return std::make_pair(std::move(group), std::move(all));
+}
+
+}  // namespace hivemind::swarm

@@ -1,0 +1,111 @@
+// The swarm side of the c10d backend's all-reduce: keeps an averaging group of every live rank of
+// every launch that shares the run id, and runs consecutive rounds in it without new matchmaking
+// until its membership changes (a "persistent group").
+//
+//  * Formation: the lowest live rank of each launch (its leader) checks which of its ranks are
+//    alive, then either takes them as the whole group (standalone launch) or matchmakes over the
+//    DHT on behalf of the launch, and hands the group to its ranks through the mailbox. A launch
+//    therefore never splits across groups.
+//  * Rounds: op k of group G is the all-reduce round "G/k" (butterfly, fault-tolerant; see
+//    averaging/allreduce.h). Every member gets bitwise identical results and the same per-part
+//    contributor lists, so every member drops the same dead members afterwards: departures cost
+//    no extra round trip.
+//  * Regrouping: a member that wants the group re-formed (a newcomer is waiting) votes through one
+//    extra element appended to the averaged vector; the mean is identical everywhere, so every
+//    member re-forms before the same next op.
+//
+// Not thread-safe: the backend calls it from its single operation thread.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "averaging/allreduce.h"
+#include "common/status.h"
+#include "net/address.h"
+#include "swarm/mailbox.h"
+#include "swarm/swarm_group.h"
+
+namespace hivemind::averaging {
+class Matchmaker;
+}
+
+namespace hivemind::swarm {
+
+struct LaunchInfo {
+  std::string launch_id;                // equal on every rank of the launch (agreed via the store)
+  int rank = 0;
+  std::vector<net::PeerAddress> ranks;  // index = rank; size = the launch's world size
+};
+
+struct SwarmOptions {
+  // Empty: no matchmaking, the group is this launch's live ranks. Otherwise the DHT key under
+  // which launch leaders meet (derived from the run id).
+  std::string matchmaking_key;
+  // Launches (not ranks) a new group waits for, and the most it takes (0: no cap).
+  int min_group_size = 1;
+  int target_group_size = 0;
+  // How long a matchmaking leader waits for more launches before sealing a group below target.
+  std::chrono::milliseconds matchmaking_time{2000};
+  std::chrono::milliseconds request_timeout{1000};
+  // How long the launch leader waits for a rank's answer when checking that it is alive.
+  std::chrono::milliseconds liveness_timeout{2000};
+  // Per-round limits of the butterfly all-reduce; `timeout` is replaced by the op's deadline.
+  averaging::AllReduceOptions allreduce;
+};
+
+struct MeanReport {
+  SwarmGroup group;                // the group the round ran in
+  std::vector<int> contributors;   // indices in `group` whose data is in every part of the mean
+  std::vector<std::string> failures;
+};
+
+class SwarmAverager {
+ public:
+  // `matchmaker` may be null when options.matchmaking_key is empty. All referenced objects must
+  // outlive the averager.
+  SwarmAverager(Mailbox& mailbox, averaging::AllReduceService& allreduce,
+                averaging::Matchmaker* matchmaker, LaunchInfo launch, SwarmOptions options);
+
+  // Replaces `data` by the mean over the contributors. Every contributor ends with bitwise
+  // identical data; on error `data` is unchanged and the next op forms a new group.
+  Result<MeanReport> Mean(std::vector<float>& data, Clock::time_point deadline);
+
+  // Every member's `mine`, in group order (this member's own included). Any member that fails to
+  // send fails the op (naming it) and the next op forms a new group.
+  Result<std::pair<SwarmGroup, std::vector<net::Payload>>> AllGather(net::Payload mine,
+                                                                     Clock::time_point deadline);
+
+  // Thread-safe: asks the group to re-form at the next round boundary (newcomers get in).
+  void RequestRegroup() { regroup_wanted_ = true; }
+
+  // The current group, if one is formed (for logs and tests).
+  const std::optional<SwarmGroup>& group() const { return group_; }
+  const LaunchInfo& launch() const { return launch_; }
+
+ private:
+  Status EnsureGroup(Clock::time_point deadline);
+  Status Form(Clock::time_point deadline);
+  Result<SwarmGroup> LeadFormation(const std::string& key, Clock::time_point deadline);
+  void Shrink(const std::vector<int>& keep);
+  std::string NextOpId();
+
+  Mailbox& mailbox_;
+  averaging::AllReduceService& allreduce_;
+  averaging::Matchmaker* matchmaker_;
+  LaunchInfo launch_;
+  SwarmOptions options_;
+
+  std::vector<bool> launch_alive_;  // which ranks of this launch are believed alive
+  std::optional<SwarmGroup> group_;
+  std::string base_id_;  // id of the group as formed; shrinks derive new ids from it
+  int shrinks_ = 0;
+  uint64_t op_index_ = 0;
+  int epoch_ = 0;  // formations so far; identical on every rank of the launch
+  std::atomic<bool> regroup_wanted_{false};
+};
+
+}  // namespace hivemind::swarm
