@@ -120,6 +120,8 @@ struct Source {
   bool excluded = false;
   bool connected = false;
   bool done_reading = false;
+  bool probing = false;        // a liveness ping to this sender is in flight
+  Clock::time_point probed{};  // when the last one was sent
   double weight = 0;
   size_t delivered = 0;
   Clock::time_point last_seen;
@@ -202,8 +204,8 @@ class Round : public std::enable_shared_from_this<Round> {
         const AllReduceOptions& options, double weight)
       : service_(service.weak_from_this()),
         node_(service.node),
-        methods_{service.Method("allreduce"), service.Method("collect"),
-                 service.Method("takeover")},
+        methods_{service.Method("allreduce"), service.Method("collect"), service.Method("takeover"),
+                 service.Method("ping")},
         group_(group),
         partition_(std::move(partition)),
         options_(options),
@@ -238,7 +240,7 @@ class Round : public std::enable_shared_from_this<Round> {
   Status ServeTakeover(Stream& stream, const wire::AveragingHeader& request);
 
  private:
-  enum Method { kAllReduce, kCollect, kTakeover };
+  enum Method { kAllReduce, kCollect, kTakeover, kPing };
 
   // ---- helpers (the *Locked ones need mutex_) ----
   std::vector<int> Chain(int share) const {
@@ -293,6 +295,9 @@ class Round : public std::enable_shared_from_this<Round> {
   Entry LocalEntryLocked(size_t part) const;
   void DeliverLocked(Reduction& reduction, int member, size_t k, Entry entry);
   void ExcludeLocked(Reduction& reduction, int member, const std::string& why, bool dead);
+  // Pings a sender that has not opened its stream yet; excludes it at once if it is unreachable.
+  void ProbeSenderLocked(Source& source, int member, Clock::time_point now);
+  void SendProbe(int member);
   void Pump(std::unique_lock<std::mutex>& lock, Reduction& reduction);
   // Ends the waiting parts of reductions of `share` that this peer no longer owns.
   void AbandonLocked(int share);
@@ -304,7 +309,8 @@ class Round : public std::enable_shared_from_this<Round> {
 
   std::weak_ptr<AllReduceService::Impl> service_;
   net::Node& node_;
-  const std::string methods_[3];
+  const std::string methods_[4];
+  std::vector<int> probes_due_;  // senders to ping once the lock is released
   const Group group_;
   const Partition partition_;
   const AllReduceOptions options_;
@@ -1208,6 +1214,11 @@ void Round::CheckTimersLocked(Clock::time_point now) {
     for (int m = 0; m < n_; ++m) {
       Source& source = reduction.sources[m];
       if (m == me_ || !source.expected || source.excluded) continue;
+      if (!source.connected && options_.liveness_probe.count() > 0 && !source.probing &&
+          now - start_ >= options_.liveness_probe &&
+          now - source.probed >= options_.liveness_probe) {
+        ProbeSenderLocked(source, m, now);
+      }
       if (!source.connected && now - start_ >= options_.sender_timeout) {
         ExcludeLocked(reduction, m, "did not open its stream within " + Ms(options_.sender_timeout),
                       false);
@@ -1233,6 +1244,38 @@ void Round::CheckTimersLocked(Clock::time_point now) {
       OwnerFailedLocked(share, owner_pos_[share], "no result for " + Ms(options_.reducer_timeout));
     }
   }
+}
+
+void Round::ProbeSenderLocked(Source& source, int member, Clock::time_point now) {
+  source.probing = true;
+  source.probed = now;
+  probes_due_.push_back(member);
+}
+
+// Without the lock: a call that fails at once runs its callback on this thread.
+void Round::SendProbe(int member) {
+  std::weak_ptr<Round> weak = weak_from_this();
+  node_
+      .Call(group_.members[member].address, methods_[kPing], net::Message(),
+            net::CallOptions{options_.liveness_probe})
+      .OnReady([weak, member](const Result<net::Message>& answer) {
+        auto self = weak.lock();
+        if (!self) return;
+        std::unique_lock<std::mutex> lock(self->mutex_);
+        auto own = self->reductions_.find({self->me_, 0});
+        if (own == self->reductions_.end() || own->second->finished()) return;
+        Reduction& reduction = *own->second;
+        Source& source = reduction.sources[member];
+        source.probing = false;
+        // Only a peer that cannot be reached at all is excluded early; a slow answer is not proof.
+        if (answer.ok() || answer.status().code() != StatusCode::kUnavailable || source.connected ||
+            source.excluded) {
+          return;
+        }
+        self->ExcludeLocked(reduction, member,
+                            "is unreachable (" + answer.status().ToString() + ")", true);
+        self->Pump(lock, reduction);
+      });
 }
 
 void Round::OpenSenderStream(int share, const std::shared_ptr<Channel>& channel) {
@@ -1312,6 +1355,8 @@ Result<AllReduceReport> Round::Run(std::vector<float>& data) {
   }
   Millis tick =
       std::max(Millis(10), std::min(options_.sender_timeout, options_.reducer_timeout) / 4);
+  if (options_.liveness_probe.count() > 0)
+    tick = std::min(tick, std::max(Millis(10), options_.liveness_probe / 2));
   while (true) {
     if (fatal_ || DoneLocked() || stopping_) break;
     auto now = Clock::now();
@@ -1338,6 +1383,14 @@ Result<AllReduceReport> Round::Run(std::vector<float>& data) {
     if (readable.empty()) {
       CheckTimersLocked(now);
       if (fatal_ || DoneLocked()) break;
+      if (!probes_due_.empty()) {
+        std::vector<int> probes;
+        probes.swap(probes_due_);
+        lock.unlock();
+        for (int member : probes) SendProbe(member);
+        lock.lock();
+        continue;
+      }
       cv_.wait_until(lock, std::min(deadline_, now + tick), [&] {
         if (fatal_ || stopping_ || DoneLocked()) return true;
         for (auto& [share, channel] : sender_channels_) {
@@ -1555,6 +1608,11 @@ AllReduceService::AllReduceService(net::Node& node, AllReduceServiceOptions opti
   node.RegisterStream(impl_->Method("allreduce"), serve(wire::OPEN));
   node.RegisterStream(impl_->Method("collect"), serve(wire::COLLECT));
   node.RegisterStream(impl_->Method("takeover"), serve(wire::TAKEOVER));
+  // Answered by any live peer: reducers probe senders that are late to open their streams.
+  node.RegisterUnary(impl_->Method("ping"),
+                     [](const net::CallContext&, net::Message, net::Responder respond) {
+                       respond(net::Message());
+                     });
 }
 
 AllReduceService::~AllReduceService() { impl_->Stop(); }

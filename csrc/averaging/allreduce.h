@@ -29,6 +29,11 @@ struct AllReduceOptions {
   std::chrono::milliseconds timeout{60000};
   // A reducer excludes a sender that has not connected, or sent nothing, for this long.
   std::chrono::milliseconds sender_timeout{10000};
+  // A sender that has not opened its stream after this long is pinged (again every period); one
+  // that cannot be reached at all is excluded at once rather than after sender_timeout, so a peer
+  // that died between rounds costs about this much. Late but live senders are still waited for.
+  // Zero disables the probes.
+  std::chrono::milliseconds liveness_probe{500};
   // A member declares a reducer failed when a share makes no progress for this long (and at once
   // when the reducer's stream breaks). Keep it above sender_timeout: a reducer waits that long
   // for a silent sender before it can publish anything.
@@ -57,7 +62,8 @@ struct AllReduceReport {
 };
 
 struct AllReduceServiceOptions {
-  // Stream methods are "<prefix>.allreduce", "<prefix>.collect" and "<prefix>.takeover".
+  // Stream methods are "<prefix>.allreduce", "<prefix>.collect" and "<prefix>.takeover"; unary
+  // "<prefix>.ping" answers liveness probes.
   std::string method_prefix = "averaging.v1";
   // How long a stream that arrives before its round has started waits for it.
   std::chrono::milliseconds registration_wait{10000};

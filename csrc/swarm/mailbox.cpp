@@ -62,8 +62,7 @@ Mailbox::Mailbox(net::Node& node, MailboxOptions options)
           state->DropExpiredLocked(now, limits.max_age);
           if (state->buffered_bytes + bytes > limits.max_buffered_bytes) {
             respond(Status(StatusCode::kResourceExhausted,
-                           "the receiver already buffers " +
-                               std::to_string(state->buffered_bytes) +
+                           "the receiver already buffers " + std::to_string(state->buffered_bytes) +
                                " bytes of unclaimed messages (limit " +
                                std::to_string(limits.max_buffered_bytes) + ")"));
             return;
@@ -109,8 +108,8 @@ Future<net::Message> Mailbox::SendAsync(const net::PeerAddress& to, const std::s
   }
   net::CallOptions call;
   call.timeout = left;
-  return node_.Call(to, options_.method_prefix + ".deliver",
-                    net::Message(key, std::move(payloads)), call);
+  return node_.Call(to, options_.method_prefix + ".deliver", net::Message(key, std::move(payloads)),
+                    call);
 }
 
 Status Mailbox::Send(const net::PeerAddress& to, const std::string& key,
@@ -139,24 +138,26 @@ Result<net::Message> Mailbox::Receive(const net::PeerAddress& from, const std::s
     }
     const Clock::time_point now = Clock::now();
     if (now >= deadline) {
-      return Status(StatusCode::kDeadlineExceeded,
-                    "no message '" + key + "' from " + from.peer_id.ShortString() +
-                        " before the deadline");
+      return Status(
+          StatusCode::kDeadlineExceeded,
+          "no message '" + key + "' from " + from.peer_id.ShortString() + " before the deadline");
     }
     const Clock::time_point wake = std::min(deadline, now + options_.probe_interval);
     if (state_->arrived.wait_until(lock, wake) == std::cv_status::timeout && wake < deadline) {
       // Nothing for a while: make sure the sender is still there. Without the lock: the ping
       // takes a round trip, deliveries must not wait for it.
       lock.unlock();
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-      Status alive = Ping(from, std::max(std::chrono::milliseconds(1),
-                                         std::min(options_.probe_timeout, left)));
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+      Status alive = Ping(
+          from, std::max(std::chrono::milliseconds(1), std::min(options_.probe_timeout, left)));
       lock.lock();
       if (!alive.ok() && alive.code() != StatusCode::kDeadlineExceeded) {
         if (state_->entries.count(entry_key) != 0) continue;  // it arrived meanwhile
         return Status(StatusCode::kUnavailable, "peer " + from.peer_id.ShortString() +
                                                     " stopped answering while this peer waited "
-                                                    "for '" + key + "': " + alive.ToString());
+                                                    "for '" +
+                                                    key + "': " + alive.ToString());
       }
     }
   }

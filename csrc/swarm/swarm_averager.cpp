@@ -67,8 +67,8 @@ Status SwarmAverager::Form(Clock::time_point deadline) {
     if (!message.ok()) {
       if (message.status().code() == StatusCode::kUnavailable) {
         HM_LOG(kWarning) << "swarm: launch leader rank " << leader
-                        << " is unreachable; the next live rank takes over: "
-                        << message.status().ToString();
+                         << " is unreachable; the next live rank takes over: "
+                         << message.status().ToString();
         launch_alive_[leader] = false;
         continue;
       }
@@ -79,7 +79,8 @@ Status SwarmAverager::Form(Clock::time_point deadline) {
     if (text.rfind(kErrorPrefix, 0) == 0) {
       return Status(StatusCode::kUnavailable, "rank " + std::to_string(leader) +
                                                   " (this launch's leader) could not form a "
-                                                  "group: " + text.substr(sizeof(kErrorPrefix) - 1));
+                                                  "group: " +
+                                                  text.substr(sizeof(kErrorPrefix) - 1));
     }
     auto group = SwarmGroup::Decode(text, mailbox_.node().peer_id());
     if (!group.ok()) return group.status();
@@ -96,11 +97,11 @@ Result<SwarmGroup> SwarmAverager::LeadFormation(const std::string& key,
   for (int r = 0; r < size; ++r) {
     if (!launch_alive_[r]) continue;
     if (r != launch_.rank) {
-      Status alive = mailbox_.Ping(launch_.ranks[r],
-                                   std::min(options_.liveness_timeout, Left(deadline)));
+      Status alive =
+          mailbox_.Ping(launch_.ranks[r], std::min(options_.liveness_timeout, Left(deadline)));
       if (!alive.ok()) {
-        HM_LOG(kWarning) << "swarm: rank " << r << " is left out of the new group: "
-                        << alive.ToString();
+        HM_LOG(kWarning) << "swarm: rank " << r
+                         << " is left out of the new group: " << alive.ToString();
         launch_alive_[r] = false;
         continue;
       }
@@ -152,19 +153,19 @@ Result<SwarmGroup> SwarmAverager::LeadFormation(const std::string& key,
   std::vector<Future<net::Message>> sends;
   for (const SwarmMember& member : mine) {
     if (member.rank == launch_.rank) continue;
-    sends.push_back(mailbox_.SendAsync(member.address, key,
-                                       {net::Payload::FromString(body)}, deadline));
+    sends.push_back(
+        mailbox_.SendAsync(member.address, key, {net::Payload::FromString(body)}, deadline));
   }
   for (auto& send : sends) {
     if (!send.Wait().ok()) {
       // That rank will miss the first round and be dropped from the group after it.
       HM_LOG(kWarning) << "swarm: could not hand the group to a rank: "
-                      << send.Wait().status().ToString();
+                       << send.Wait().status().ToString();
     }
   }
   if (!failed.ok()) return failed;
   HM_LOG(kInfo) << "swarm: formed group " << group.id.substr(0, 16) << " with "
-               << group.members.size() << " ranks";
+                << group.members.size() << " ranks";
   return group;
 }
 
@@ -256,7 +257,8 @@ Result<std::pair<SwarmGroup, std::vector<net::Payload>>> SwarmAverager::AllGathe
   const int n = static_cast<int>(group.members.size());
   std::vector<Future<net::Message>> sends(n);
   for (int j = 0; j < n; ++j) {
-    if (j != group.my_index) sends[j] = mailbox_.SendAsync(group.members[j].address, key, {mine}, deadline);
+    if (j != group.my_index)
+      sends[j] = mailbox_.SendAsync(group.members[j].address, key, {mine}, deadline);
   }
   std::vector<net::Payload> all(n);
   std::string failures;
@@ -269,8 +271,8 @@ Result<std::pair<SwarmGroup, std::vector<net::Payload>>> SwarmAverager::AllGathe
     Status sent = sends[j].Wait().status();
     Status status = received.ok() ? sent : received.status();
     if (!status.ok()) {
-      failures += (failures.empty() ? "" : "; ") + group.members[j].Describe() + ": " +
-                  status.ToString();
+      failures +=
+          (failures.empty() ? "" : "; ") + group.members[j].Describe() + ": " + status.ToString();
       continue;
     }
     if (received->payloads.size() != 1) {
@@ -282,8 +284,8 @@ Result<std::pair<SwarmGroup, std::vector<net::Payload>>> SwarmAverager::AllGathe
   }
   if (!failures.empty()) {
     group_.reset();
-    return Status(StatusCode::kUnavailable, "exchange in a group of " + std::to_string(n) +
-                                                " ranks failed: " + failures);
+    return Status(StatusCode::kUnavailable,
+                  "exchange in a group of " + std::to_string(n) + " ranks failed: " + failures);
   }
   return std::make_pair(std::move(group), std::move(all));
 }

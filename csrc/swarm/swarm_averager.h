@@ -36,7 +36,7 @@ class Matchmaker;
 namespace hivemind::swarm {
 
 struct LaunchInfo {
-  std::string launch_id;                // equal on every rank of the launch (agreed via the store)
+  std::string launch_id;  // equal on every rank of the launch (agreed via the store)
   int rank = 0;
   std::vector<net::PeerAddress> ranks;  // index = rank; size = the launch's world size
 };
@@ -58,8 +58,8 @@ struct SwarmOptions {
 };
 
 struct MeanReport {
-  SwarmGroup group;                // the group the round ran in
-  std::vector<int> contributors;   // indices in `group` whose data is in every part of the mean
+  SwarmGroup group;               // the group the round ran in
+  std::vector<int> contributors;  // indices in `group` whose data is in every part of the mean
   std::vector<std::string> failures;
 };
 

@@ -65,8 +65,9 @@ Result<std::vector<SwarmMember>> DecodeMembers(std::string_view text) {
     if (line.empty()) continue;
     if (members.size() == kMaxMembers) return Malformed("more than 4096 members");
     auto fields = Split(line, '\t');
-    if (fields.size() != 4) return Malformed("a member line has " + std::to_string(fields.size()) +
-                                             " fields instead of 4");
+    if (fields.size() != 4)
+      return Malformed("a member line has " + std::to_string(fields.size()) +
+                       " fields instead of 4");
     SwarmMember member;
     member.launch_id = std::string(fields[0]);
     if (member.launch_id.empty() || member.launch_id.size() > 64) {

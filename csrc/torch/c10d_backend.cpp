@@ -45,7 +45,8 @@ std::vector<uint8_t> ToBytes(const std::string& text) {
 net::Payload TensorPayload(const at::Tensor& tensor) {
   at::Tensor cpu = tensor.to(at::kCPU).contiguous();
   auto owner = std::make_shared<at::Tensor>(cpu);
-  return net::Payload(cpu.data_ptr(), cpu.nbytes(), std::shared_ptr<const void>(owner, owner.get()));
+  return net::Payload(cpu.data_ptr(), cpu.nbytes(),
+                      std::shared_ptr<const void>(owner, owner.get()));
 }
 
 // A CPU tensor that views the payload's bytes as `like`'s dtype and shape.
@@ -76,15 +77,24 @@ bool MeanFriendly(const at::Tensor& tensor) {
 
 const char* OpName(c10d::ReduceOp::RedOpType op) {
   switch (op) {
-    case c10d::ReduceOp::SUM: return "SUM";
-    case c10d::ReduceOp::AVG: return "AVG";
-    case c10d::ReduceOp::PRODUCT: return "PRODUCT";
-    case c10d::ReduceOp::MIN: return "MIN";
-    case c10d::ReduceOp::MAX: return "MAX";
-    case c10d::ReduceOp::BAND: return "BAND";
-    case c10d::ReduceOp::BOR: return "BOR";
-    case c10d::ReduceOp::BXOR: return "BXOR";
-    default: return "unsupported";
+    case c10d::ReduceOp::SUM:
+      return "SUM";
+    case c10d::ReduceOp::AVG:
+      return "AVG";
+    case c10d::ReduceOp::PRODUCT:
+      return "PRODUCT";
+    case c10d::ReduceOp::MIN:
+      return "MIN";
+    case c10d::ReduceOp::MAX:
+      return "MAX";
+    case c10d::ReduceOp::BAND:
+      return "BAND";
+    case c10d::ReduceOp::BOR:
+      return "BOR";
+    case c10d::ReduceOp::BXOR:
+      return "BXOR";
+    default:
+      return "unsupported";
   }
 }
 
@@ -102,14 +112,29 @@ at::Tensor Combine(const std::vector<at::Tensor>& inputs, c10d::ReduceOp::RedOpT
     const at::Tensor& x = inputs[i];
     switch (op) {
       case c10d::ReduceOp::SUM:
-      case c10d::ReduceOp::AVG: acc.add_(x); break;
-      case c10d::ReduceOp::PRODUCT: acc.mul_(x); break;
-      case c10d::ReduceOp::MIN: acc = at::minimum(acc, x); break;
-      case c10d::ReduceOp::MAX: acc = at::maximum(acc, x); break;
-      case c10d::ReduceOp::BAND: acc.bitwise_and_(x); break;
-      case c10d::ReduceOp::BOR: acc.bitwise_or_(x); break;
-      case c10d::ReduceOp::BXOR: acc.bitwise_xor_(x); break;
-      default: Fail("unsupported reduce op");
+      case c10d::ReduceOp::AVG:
+        acc.add_(x);
+        break;
+      case c10d::ReduceOp::PRODUCT:
+        acc.mul_(x);
+        break;
+      case c10d::ReduceOp::MIN:
+        acc = at::minimum(acc, x);
+        break;
+      case c10d::ReduceOp::MAX:
+        acc = at::maximum(acc, x);
+        break;
+      case c10d::ReduceOp::BAND:
+        acc.bitwise_and_(x);
+        break;
+      case c10d::ReduceOp::BOR:
+        acc.bitwise_or_(x);
+        break;
+      case c10d::ReduceOp::BXOR:
+        acc.bitwise_xor_(x);
+        break;
+      default:
+        Fail("unsupported reduce op");
     }
   }
   if (op == c10d::ReduceOp::AVG) {
@@ -135,8 +160,9 @@ HivemindWork::HivemindWork(int rank, c10d::OpType type, const char* profiling_ti
                            std::vector<at::Tensor> outputs)
     : c10d::Work(rank, type, profiling_title),
       outputs_(std::move(outputs)),
-      future_(c10::make_intrusive<c10::ivalue::Future>(
-          c10::ListType::create(c10::TensorType::get()))) {}
+      future_(
+          c10::make_intrusive<c10::ivalue::Future>(c10::ListType::create(c10::TensorType::get()))) {
+}
 
 std::vector<at::Tensor> HivemindWork::result() { return outputs_; }
 
@@ -289,8 +315,7 @@ std::string HivemindBackend::DescribeRank(int rank) const {
 }
 
 Future<net::Message> HivemindBackend::SendTo(int rank, const std::string& key,
-                                             const at::Tensor& tensor,
-                                             Clock::time_point deadline) {
+                                             const at::Tensor& tensor, Clock::time_point deadline) {
   return peer_->mailbox().SendAsync(ranks_[rank], key, {TensorPayload(tensor)}, deadline);
 }
 
@@ -333,8 +358,8 @@ c10::intrusive_ptr<c10d::Work> HivemindBackend::broadcast(std::vector<at::Tensor
   const int root = static_cast<int>(opts.rootRank);
   Check(root >= 0 && root < getSize(), "broadcast root " + std::to_string(root) + " is not a rank");
   at::Tensor tensor = tensors[0];
-  return Enqueue(c10d::OpType::BROADCAST, "hivemind:broadcast", "broadcast", {tensor},
-                 opts.timeout, [this, tensor, root](const std::string& key, Clock::time_point deadline) mutable {
+  return Enqueue(c10d::OpType::BROADCAST, "hivemind:broadcast", "broadcast", {tensor}, opts.timeout,
+                 [this, tensor, root](const std::string& key, Clock::time_point deadline) mutable {
                    if (getRank() == root) {
                      std::vector<Future<net::Message>> sends(getSize());
                      for (int r = 0; r < getSize(); ++r) {
@@ -422,22 +447,22 @@ c10::intrusive_ptr<c10d::Work> HivemindBackend::gather(
     Check(outputs.empty() || outputs[0].empty(), "only the gather root takes output tensors");
   }
   at::Tensor input = inputs[0];
-  return Enqueue(c10d::OpType::GATHER, "hivemind:gather", "gather", outs, opts.timeout,
-                 [this, input, outs, root](const std::string& key, Clock::time_point deadline) mutable {
-                   if (getRank() != root) {
-                     auto sent = SendTo(root, key, input, deadline);
-                     WaitSent(root, sent);
-                     return;
-                   }
-                   for (int r = 0; r < getSize(); ++r) {
-                     if (r == root) {
-                       CopyInto(outs[r], input);
-                     } else {
-                       CopyInto(outs[r], Expect(ReceiveFrom(r, key, deadline), outs[r],
-                                                DescribeRank(r)));
-                     }
-                   }
-                 });
+  return Enqueue(
+      c10d::OpType::GATHER, "hivemind:gather", "gather", outs, opts.timeout,
+      [this, input, outs, root](const std::string& key, Clock::time_point deadline) mutable {
+        if (getRank() != root) {
+          auto sent = SendTo(root, key, input, deadline);
+          WaitSent(root, sent);
+          return;
+        }
+        for (int r = 0; r < getSize(); ++r) {
+          if (r == root) {
+            CopyInto(outs[r], input);
+          } else {
+            CopyInto(outs[r], Expect(ReceiveFrom(r, key, deadline), outs[r], DescribeRank(r)));
+          }
+        }
+      });
 }
 
 c10::intrusive_ptr<c10d::Work> HivemindBackend::scatter(
@@ -454,22 +479,22 @@ c10::intrusive_ptr<c10d::Work> HivemindBackend::scatter(
     ins = inputs[0];
   }
   at::Tensor output = outputs[0];
-  return Enqueue(c10d::OpType::SCATTER, "hivemind:scatter", "scatter", {output}, opts.timeout,
-                 [this, ins, output, root](const std::string& key, Clock::time_point deadline) mutable {
-                   if (getRank() != root) {
-                     CopyInto(output, Expect(ReceiveFrom(root, key, deadline), output,
-                                             DescribeRank(root)));
-                     return;
-                   }
-                   std::vector<Future<net::Message>> sends(getSize());
-                   for (int r = 0; r < getSize(); ++r) {
-                     if (r != root) sends[r] = SendTo(r, key, ins[r], deadline);
-                   }
-                   CopyInto(output, ins[root]);
-                   for (int r = 0; r < getSize(); ++r) {
-                     if (r != root) WaitSent(r, sends[r]);
-                   }
-                 });
+  return Enqueue(
+      c10d::OpType::SCATTER, "hivemind:scatter", "scatter", {output}, opts.timeout,
+      [this, ins, output, root](const std::string& key, Clock::time_point deadline) mutable {
+        if (getRank() != root) {
+          CopyInto(output, Expect(ReceiveFrom(root, key, deadline), output, DescribeRank(root)));
+          return;
+        }
+        std::vector<Future<net::Message>> sends(getSize());
+        for (int r = 0; r < getSize(); ++r) {
+          if (r != root) sends[r] = SendTo(r, key, ins[r], deadline);
+        }
+        CopyInto(output, ins[root]);
+        for (int r = 0; r < getSize(); ++r) {
+          if (r != root) WaitSent(r, sends[r]);
+        }
+      });
 }
 
 c10::intrusive_ptr<c10d::Work> HivemindBackend::reduce(std::vector<at::Tensor>& tensors,
@@ -481,30 +506,31 @@ c10::intrusive_ptr<c10d::Work> HivemindBackend::reduce(std::vector<at::Tensor>& 
   Check(root >= 0 && root < getSize(), "reduce root " + std::to_string(root) + " is not a rank");
   at::Tensor tensor = tensors[0];
   const auto op = opts.reduceOp.op_;
-  return Enqueue(c10d::OpType::REDUCE, "hivemind:reduce", "reduce", {tensor}, opts.timeout,
-                 [this, tensor, root, op](const std::string& key, Clock::time_point deadline) mutable {
-                   if (getRank() != root) {
-                     auto sent = SendTo(root, key, tensor, deadline);
-                     WaitSent(root, sent);
-                     return;
-                   }
-                   std::vector<net::Payload> keep;
-                   std::vector<at::Tensor> inputs;
-                   for (int r = 0; r < getSize(); ++r) {
-                     if (r == root) {
-                       inputs.push_back(tensor.to(at::kCPU).contiguous());
-                     } else {
-                       keep.push_back(ReceiveFrom(r, key, deadline));
-                       inputs.push_back(Expect(keep.back(), tensor, DescribeRank(r)));
-                     }
-                   }
-                   CopyInto(tensor, Combine(inputs, op));
-                 });
+  return Enqueue(
+      c10d::OpType::REDUCE, "hivemind:reduce", "reduce", {tensor}, opts.timeout,
+      [this, tensor, root, op](const std::string& key, Clock::time_point deadline) mutable {
+        if (getRank() != root) {
+          auto sent = SendTo(root, key, tensor, deadline);
+          WaitSent(root, sent);
+          return;
+        }
+        std::vector<net::Payload> keep;
+        std::vector<at::Tensor> inputs;
+        for (int r = 0; r < getSize(); ++r) {
+          if (r == root) {
+            inputs.push_back(tensor.to(at::kCPU).contiguous());
+          } else {
+            keep.push_back(ReceiveFrom(r, key, deadline));
+            inputs.push_back(Expect(keep.back(), tensor, DescribeRank(r)));
+          }
+        }
+        CopyInto(tensor, Combine(inputs, op));
+      });
 }
 
 void HivemindBackend::ReduceScatterNow(const std::string& key, at::Tensor& output,
-                                       const std::vector<at::Tensor>& chunks,
-                                       c10d::ReduceOp op, Clock::time_point deadline) {
+                                       const std::vector<at::Tensor>& chunks, c10d::ReduceOp op,
+                                       Clock::time_point deadline) {
   std::vector<Future<net::Message>> sends(getSize());
   for (int r = 0; r < getSize(); ++r) {
     if (r != getRank()) sends[r] = SendTo(r, key, chunks[r], deadline);
@@ -540,11 +566,12 @@ c10::intrusive_ptr<c10d::Work> HivemindBackend::reduce_scatter(
   at::Tensor output = outputs[0];
   std::vector<at::Tensor> chunks = inputs[0];
   const c10d::ReduceOp op = opts.reduceOp;
-  return Enqueue(c10d::OpType::REDUCE_SCATTER, "hivemind:reduce_scatter", "reduce_scatter",
-                 {output}, opts.timeout,
-                 [this, output, chunks, op](const std::string& key, Clock::time_point deadline) mutable {
-                   ReduceScatterNow(key, output, chunks, op, deadline);
-                 });
+  return Enqueue(
+      c10d::OpType::REDUCE_SCATTER, "hivemind:reduce_scatter", "reduce_scatter", {output},
+      opts.timeout,
+      [this, output, chunks, op](const std::string& key, Clock::time_point deadline) mutable {
+        ReduceScatterNow(key, output, chunks, op, deadline);
+      });
 }
 
 c10::intrusive_ptr<c10d::Work> HivemindBackend::_reduce_scatter_base(
@@ -562,9 +589,9 @@ c10::intrusive_ptr<c10d::Work> HivemindBackend::_reduce_scatter_base(
 c10::intrusive_ptr<c10d::Work> HivemindBackend::alltoall(std::vector<at::Tensor>& outputs,
                                                          std::vector<at::Tensor>& inputs,
                                                          const c10d::AllToAllOptions& opts) {
-  Check(static_cast<int>(outputs.size()) == getSize() &&
-            static_cast<int>(inputs.size()) == getSize(),
-        "alltoall needs world_size input and output tensors");
+  Check(
+      static_cast<int>(outputs.size()) == getSize() && static_cast<int>(inputs.size()) == getSize(),
+      "alltoall needs world_size input and output tensors");
   std::vector<at::Tensor> outs = outputs;
   std::vector<at::Tensor> ins = inputs;
   return Enqueue(c10d::OpType::ALLTOALL, "hivemind:all_to_all", "alltoall", outs, opts.timeout,
@@ -577,8 +604,8 @@ c10::intrusive_ptr<c10d::Work> HivemindBackend::alltoall(std::vector<at::Tensor>
                      if (r == getRank()) {
                        CopyInto(outs[r], ins[r]);
                      } else {
-                       CopyInto(outs[r], Expect(ReceiveFrom(r, key, deadline), outs[r],
-                                                DescribeRank(r)));
+                       CopyInto(outs[r],
+                                Expect(ReceiveFrom(r, key, deadline), outs[r], DescribeRank(r)));
                      }
                    }
                    for (int r = 0; r < getSize(); ++r) {
@@ -587,9 +614,10 @@ c10::intrusive_ptr<c10d::Work> HivemindBackend::alltoall(std::vector<at::Tensor>
                  });
 }
 
-c10::intrusive_ptr<c10d::Work> HivemindBackend::alltoall_base(
-    at::Tensor& output, at::Tensor& input, std::vector<int64_t>& output_splits,
-    std::vector<int64_t>& input_splits, const c10d::AllToAllOptions& opts) {
+c10::intrusive_ptr<c10d::Work> HivemindBackend::alltoall_base(at::Tensor& output, at::Tensor& input,
+                                                              std::vector<int64_t>& output_splits,
+                                                              std::vector<int64_t>& input_splits,
+                                                              const c10d::AllToAllOptions& opts) {
   auto split = [this](const at::Tensor& tensor, const std::vector<int64_t>& sizes,
                       const char* what) {
     Check(tensor.dim() >= 1, std::string(what) + " must have at least one dimension");
@@ -647,8 +675,8 @@ c10::intrusive_ptr<c10d::Work> HivemindBackend::recv(std::vector<at::Tensor>& te
   at::Tensor tensor = tensors[0];
   return Enqueue(c10d::OpType::RECV, "hivemind:recv", "recv", {tensor}, c10d::kUnsetTimeout,
                  [this, tensor, src, key](const std::string&, Clock::time_point deadline) mutable {
-                   CopyInto(tensor, Expect(ReceiveFrom(src, key, deadline), tensor,
-                                           DescribeRank(src)));
+                   CopyInto(tensor,
+                            Expect(ReceiveFrom(src, key, deadline), tensor, DescribeRank(src)));
                  });
 }
 
@@ -763,8 +791,8 @@ void HivemindBackend::GatherAllReduce(std::vector<at::Tensor>& tensors, c10d::Re
       acc.add_(inputs[i].to(at::kDouble), group.members[i].launch_size);
     }
     acc.div_(static_cast<double>(inputs.size()));
-    result = (at::isIntegralType(mine.scalar_type(), true) ? acc.round() : acc)
-                 .to(mine.scalar_type());
+    result =
+        (at::isIntegralType(mine.scalar_type(), true) ? acc.round() : acc).to(mine.scalar_type());
   } else {
     result = Combine(inputs, op.op_);
   }

@@ -7,11 +7,6 @@
 // collectives in the same order, so the n-th operation of a group is keyed by n everywhere.
 #pragma once
 
-#include <torch/csrc/distributed/c10d/Backend.hpp>
-#include <torch/csrc/distributed/c10d/Store.hpp>
-#include <torch/csrc/distributed/c10d/Types.hpp>
-#include <torch/csrc/distributed/c10d/Work.hpp>
-
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -22,6 +17,10 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
+#include <torch/csrc/distributed/c10d/Types.hpp>
+#include <torch/csrc/distributed/c10d/Work.hpp>
 #include <utility>
 #include <vector>
 
@@ -131,11 +130,10 @@ class HivemindBackend : public c10d::Backend {
     std::string name;
   };
 
-  c10::intrusive_ptr<c10d::Work> Enqueue(c10d::OpType type, const char* title, std::string name,
-                                         std::vector<at::Tensor> outputs,
-                                         std::chrono::milliseconds timeout,
-                                         std::function<void(const std::string&, Clock::time_point)>
-                                             body);
+  c10::intrusive_ptr<c10d::Work> Enqueue(
+      c10d::OpType type, const char* title, std::string name, std::vector<at::Tensor> outputs,
+      std::chrono::milliseconds timeout,
+      std::function<void(const std::string&, Clock::time_point)> body);
   void RunLoop();
   std::chrono::milliseconds Timeout(std::chrono::milliseconds requested) const;
 
@@ -146,7 +144,8 @@ class HivemindBackend : public c10d::Backend {
   void WaitSent(int rank, Future<net::Message>& sent);
   std::string DescribeRank(int rank) const;
 
-  void AllReduceNow(std::vector<at::Tensor>& tensors, c10d::ReduceOp op, Clock::time_point deadline);
+  void AllReduceNow(std::vector<at::Tensor>& tensors, c10d::ReduceOp op,
+                    Clock::time_point deadline);
   void MeanAllReduce(std::vector<at::Tensor>& tensors, c10d::ReduceOp op,
                      Clock::time_point deadline);
   void GatherAllReduce(std::vector<at::Tensor>& tensors, c10d::ReduceOp op,

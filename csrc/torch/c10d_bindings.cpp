@@ -1,5 +1,7 @@
 // hivemind_backend._C._ProcessGroupHivemind and _BackendConfig: the native half of
 // hivemind_backend/c10d.py, which registers the backend with torch.distributed.
+#include "torch/c10d_bindings.h"
+
 #include <pybind11/chrono.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
@@ -7,7 +9,6 @@
 
 #include "swarm/swarm_peer.h"
 #include "torch/c10d_backend.h"
-#include "torch/c10d_bindings.h"
 
 namespace py = pybind11;
 
