@@ -163,6 +163,9 @@ class NodeImpl : public Node, public StreamTransport {
   std::map<uint64_t, std::unique_ptr<Link>> links_;
   std::unordered_map<std::string, uint64_t> link_by_routing_id_;
   std::unordered_map<PeerId, uint64_t> link_by_peer_;
+  // Descriptor -> DISCONNECTED events still to come for inbound links already closed because a
+  // new connection reused their descriptor (see ReceiveFromRouter).
+  std::unordered_map<int, int> stale_disconnects_;
   std::unordered_map<PeerId, std::vector<Endpoint>> address_book_;
   std::unordered_map<uint64_t, OutCall> out_calls_;
   std::unordered_map<uint64_t, OutStream> out_streams_;

@@ -182,7 +182,20 @@ void NodeImpl::ReceiveFromRouter() {
       links_[link->id] = std::move(created);
     }
     int fd = zmq_msg_get(frames[0].handle(), ZMQ_SRCFD);
-    if (fd >= 0) link->fd = fd;
+    if (fd >= 0 && link->fd != fd) {
+      link->fd = fd;
+      // The kernel reuses descriptors: another live inbound link on this one means its connection
+      // closed and its DISCONNECTED event has not reached us yet. Close it now and skip that
+      // event when it comes, or it would take this new connection down with it.
+      for (auto& [id, other] : links_) {
+        if (other.get() != link && !other->outbound && other->fd == fd &&
+            other->state != Link::State::kDead) {
+          FailLink(*other, Status(StatusCode::kUnavailable,
+                                  "peer " + other->peer.ToString() + " disconnected"));
+          ++stale_disconnects_[fd];
+        }
+      }
+    }
     HandleFrames(*link, frames);
   }
 }
@@ -227,6 +240,11 @@ bool NodeImpl::HandleMonitorEvent(zmq::socket_t& monitor, Link* link) {
   if (link ==
       nullptr) {  // the ROUTER: an inbound connection closed (peer died or heartbeat timeout)
     if (event != ZMQ_EVENT_DISCONNECTED) return true;
+    auto stale = stale_disconnects_.find(static_cast<int>(value));
+    if (stale != stale_disconnects_.end()) {  // its link was closed when the fd was reused
+      if (--stale->second == 0) stale_disconnects_.erase(stale);
+      return true;
+    }
     for (auto& [id, inbound] : links_) {
       if (!inbound->outbound && inbound->fd == static_cast<int>(value) &&
           inbound->state != Link::State::kDead) {

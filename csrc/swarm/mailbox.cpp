@@ -6,6 +6,8 @@
 #include <mutex>
 #include <utility>
 
+#include "common/logging.h"
+
 namespace hivemind::swarm {
 
 struct Mailbox::State {
@@ -69,9 +71,8 @@ Mailbox::Mailbox(net::Node& node, MailboxOptions options)
           }
           auto key = std::make_pair(std::string(context.peer.raw()), request.header);
           if (state->entries.count(key) != 0) {
-            respond(Status(StatusCode::kInvalidArgument,
-                           "a message under key '" + request.header + "' from " +
-                               context.peer.ShortString() + " is already waiting"));
+            // A resend after a lost reply (see SendAsync): the message is already here.
+            respond(net::Message());
             return;
           }
           state->buffered_bytes += bytes;
@@ -101,15 +102,38 @@ void Mailbox::Shutdown() {
 Future<net::Message> Mailbox::SendAsync(const net::PeerAddress& to, const std::string& key,
                                         std::vector<net::Payload> payloads,
                                         Clock::time_point deadline) {
+  Promise<net::Message> done;
+  auto future = done.future();
+  Attempt(to, net::Message(key, std::move(payloads)), deadline, kSendAttempts, std::move(done));
+  return future;
+}
+
+void Mailbox::Attempt(const net::PeerAddress& to, net::Message message, Clock::time_point deadline,
+                      int attempts_left, Promise<net::Message> done) {
   const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
   if (left.count() <= 0) {
-    return Future<net::Message>::Ready(
-        Status(StatusCode::kDeadlineExceeded, "the deadline passed before the send started"));
+    done.Set(Status(StatusCode::kDeadlineExceeded, "the deadline passed before the send started"));
+    return;
   }
   net::CallOptions call;
   call.timeout = left;
-  return node_.Call(to, options_.method_prefix + ".deliver", net::Message(key, std::move(payloads)),
-                    call);
+  // Payloads are shared, not copied: keeping `message` for a resend costs nothing.
+  node_.Call(to, options_.method_prefix + ".deliver", message, call)
+      .OnReady([this, state = std::weak_ptr<State>(state_), to, message, deadline, attempts_left,
+                done](const Result<net::Message>& result) mutable {
+        // A connection that drops under a call (not a refused one: that peer is gone) may have
+        // delivered the message or not; the receiver takes a resend of a message it holds as a
+        // success, so resending is safe.
+        const bool retry = !result.ok() && result.status().code() == StatusCode::kUnavailable &&
+                           attempts_left > 1 && Clock::now() < deadline && !state.expired();
+        if (!retry) {
+          done.Set(result);
+          return;
+        }
+        HM_LOG(kInfo) << "mailbox: resending '" << message.header << "' to "
+                      << to.peer_id.ShortString() << " after: " << result.status().ToString();
+        Attempt(to, std::move(message), deadline, attempts_left - 1, std::move(done));
+      });
 }
 
 Status Mailbox::Send(const net::PeerAddress& to, const std::string& key,

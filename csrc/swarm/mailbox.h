@@ -66,6 +66,11 @@ class Mailbox {
   struct State;
 
  private:
+  // Sends that fail because the connection dropped are tried this many times in all.
+  static constexpr int kSendAttempts = 2;
+  void Attempt(const net::PeerAddress& to, net::Message message, Clock::time_point deadline,
+               int attempts_left, Promise<net::Message> done);
+
   net::Node& node_;
   MailboxOptions options_;
   std::shared_ptr<State> state_;

@@ -324,6 +324,20 @@ void HivemindBackend::WaitSent(int rank, Future<net::Message>& sent) {
   if (!status.ok()) Fail("sending to " + DescribeRank(rank) + " failed: " + status.ToString());
 }
 
+void HivemindBackend::WaitExchanged(std::vector<Future<net::Message>>& sends) {
+  // Called once everything this rank needed has arrived from every other rank, so each of them
+  // was alive for this op. An unconfirmed send then only means that rank finished first and
+  // exited before its reply left; if it really missed the data, its own op fails and says so.
+  for (int r = 0; r < getSize(); ++r) {
+    if (r == getRank() || !sends[r].valid()) continue;
+    const Status& status = sends[r].Wait().status();
+    if (!status.ok()) {
+      HM_LOG(kInfo) << "hivemind: " << DescribeRank(r)
+                    << " did not confirm receipt: " << status.ToString();
+    }
+  }
+}
+
 net::Payload HivemindBackend::ReceiveFrom(int rank, const std::string& key,
                                           Clock::time_point deadline) {
   auto message = peer_->mailbox().Receive(ranks_[rank], key, deadline);
@@ -403,9 +417,7 @@ c10::intrusive_ptr<c10d::Work> HivemindBackend::allgather(
                        CopyInto(outs[r], Expect(payload, input, DescribeRank(r)));
                      }
                    }
-                   for (int r = 0; r < getSize(); ++r) {
-                     if (r != getRank()) WaitSent(r, sends[r]);
-                   }
+                   WaitExchanged(sends);
                  });
 }
 
@@ -546,9 +558,7 @@ void HivemindBackend::ReduceScatterNow(const std::string& key, at::Tensor& outpu
     }
   }
   CopyInto(output, Combine(inputs, op.op_));
-  for (int r = 0; r < getSize(); ++r) {
-    if (r != getRank()) WaitSent(r, sends[r]);
-  }
+  WaitExchanged(sends);
 }
 
 c10::intrusive_ptr<c10d::Work> HivemindBackend::reduce_scatter(
@@ -608,9 +618,7 @@ c10::intrusive_ptr<c10d::Work> HivemindBackend::alltoall(std::vector<at::Tensor>
                                 Expect(ReceiveFrom(r, key, deadline), outs[r], DescribeRank(r)));
                      }
                    }
-                   for (int r = 0; r < getSize(); ++r) {
-                     if (r != getRank()) WaitSent(r, sends[r]);
-                   }
+                   WaitExchanged(sends);
                  });
 }
 

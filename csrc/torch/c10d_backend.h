@@ -142,6 +142,7 @@ class HivemindBackend : public c10d::Backend {
                               Clock::time_point deadline);
   net::Payload ReceiveFrom(int rank, const std::string& key, Clock::time_point deadline);
   void WaitSent(int rank, Future<net::Message>& sent);
+  void WaitExchanged(std::vector<Future<net::Message>>& sends);
   std::string DescribeRank(int rank) const;
 
   void AllReduceNow(std::vector<at::Tensor>& tensors, c10d::ReduceOp op,
