@@ -58,8 +58,10 @@ test: setup build build-asan install-python
 	if [ -n "$$failed" ]; then echo "make test: FAILED in:$$failed"; exit 1; fi; \
 	echo "make test: all suites passed"
 
-demo: setup build
-	./build/bin/transport_demo
+# The main job: a swarm of 4 independent peers trains on scikit-learn's digits with
+# backend="hivemind"; one is SIGKILLed mid-way and the survivors finish (examples/swarm_digits.py).
+demo: setup install-python
+	$(PYTHON) examples/swarm_digits.py
 
 bench: setup build
 	./build/bin/benchmark_transport

@@ -6,6 +6,7 @@ import torch.distributed  # noqa: F401  (_C's process group class derives from i
 from hivemind_backend import _C
 from hivemind_backend.averager import DecentralizedAverager
 from hivemind_backend.c10d import Options, register
+from hivemind_backend.state_sync import SharedState, share_state
 from hivemind_backend.dht import DHT, ValueWithExpiration, get_dht_time
 
 __version__: str = _C.version()
@@ -17,6 +18,8 @@ __all__ = [
     "DHT",
     "DecentralizedAverager",
     "Options",
+    "SharedState",
     "ValueWithExpiration",
     "get_dht_time",
+    "share_state",
 ]

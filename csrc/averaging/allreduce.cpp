@@ -121,6 +121,7 @@ struct Source {
   bool connected = false;
   bool done_reading = false;
   bool probing = false;        // a liveness ping to this sender is in flight
+  int failed_probes = 0;       // consecutive pings that found it unreachable
   Clock::time_point probed{};  // when the last one was sent
   double weight = 0;
   size_t delivered = 0;
@@ -1267,13 +1268,16 @@ void Round::SendProbe(int member) {
         Reduction& reduction = *own->second;
         Source& source = reduction.sources[member];
         source.probing = false;
-        // Only a peer that cannot be reached at all is excluded early; a slow answer is not proof.
-        if (answer.ok() || answer.status().code() != StatusCode::kUnavailable || source.connected ||
-            source.excluded) {
+        // Only a peer that cannot be reached at all, twice in a row, is excluded early: a slow
+        // answer is no proof, and one failed call may be a connection being replaced. Excluded,
+        // not declared dead: that stays the business of the streams.
+        if (answer.ok() || answer.status().code() != StatusCode::kUnavailable) {
+          source.failed_probes = 0;
           return;
         }
+        if (++source.failed_probes < 2 || source.connected || source.excluded) return;
         self->ExcludeLocked(reduction, member,
-                            "is unreachable (" + answer.status().ToString() + ")", true);
+                            "is unreachable (" + answer.status().ToString() + ")", false);
         self->Pump(lock, reduction);
       });
 }

@@ -30,8 +30,9 @@ struct AllReduceOptions {
   // A reducer excludes a sender that has not connected, or sent nothing, for this long.
   std::chrono::milliseconds sender_timeout{10000};
   // A sender that has not opened its stream after this long is pinged (again every period); one
-  // that cannot be reached at all is excluded at once rather than after sender_timeout, so a peer
-  // that died between rounds costs about this much. Late but live senders are still waited for.
+  // that cannot be reached at all by two pings in a row is excluded then rather than after
+  // sender_timeout, so a peer that died between rounds costs about two periods. Late but live
+  // senders are still waited for.
   // Zero disables the probes.
   std::chrono::milliseconds liveness_probe{500};
   // A member declares a reducer failed when a share makes no progress for this long (and at once

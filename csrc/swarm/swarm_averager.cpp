@@ -6,6 +6,7 @@
 #include "averaging/group.h"
 #include "averaging/matchmaking.h"
 #include "common/logging.h"
+#include "dht/dht_runner.h"
 
 namespace hivemind::swarm {
 namespace {
@@ -27,22 +28,118 @@ std::string Text(const net::Message& message) {
 }  // namespace
 
 SwarmAverager::SwarmAverager(Mailbox& mailbox, averaging::AllReduceService& allreduce,
-                             averaging::Matchmaker* matchmaker, LaunchInfo launch,
-                             SwarmOptions options)
+                             averaging::Matchmaker* matchmaker, dht::DhtRunner* dht,
+                             LaunchInfo launch, SwarmOptions options)
     : mailbox_(mailbox),
       allreduce_(allreduce),
       matchmaker_(matchmaker),
       launch_(std::move(launch)),
       options_(std::move(options)),
-      launch_alive_(launch_.ranks.size(), true) {}
+      launch_alive_(launch_.ranks.size(), true),
+      dht_(dht) {
+  if (!options_.matchmaking_key.empty() && dht_ != nullptr) {
+    presence_key_ = options_.matchmaking_key + ".presence";
+    presence_thread_ = std::thread([this] { PresenceLoop(); });
+  }
+}
+
+SwarmAverager::~SwarmAverager() {
+  {
+    std::lock_guard<std::mutex> lock(presence_mutex_);
+    presence_stop_ = true;
+  }
+  presence_wake_.notify_all();
+  if (presence_thread_.joinable()) presence_thread_.join();
+}
+
+void SwarmAverager::PresenceLoop() {
+  std::unique_lock<std::mutex> lock(presence_mutex_);
+  while (!presence_stop_) {
+    lock.unlock();
+    PublishAndCheckPresence();
+    lock.lock();
+    presence_wake_.wait_for(lock, options_.presence_period, [&] { return presence_stop_; });
+  }
+}
+
+// Entries are "<base group id>|<DHT time written>", one per launch leader (subkey: its owner
+// marker, so only it can write it), rewritten every period and expiring after five.
+void SwarmAverager::PublishAndCheckPresence() {
+  std::string mine;
+  double formed_at;
+  bool leading;
+  {
+    std::lock_guard<std::mutex> lock(presence_mutex_);
+    mine = published_id_;
+    formed_at = formed_at_;
+    leading = leading_;
+  }
+  if (!leading || mine.empty()) return;
+  const double period = std::chrono::duration<double>(options_.presence_period).count();
+  const double now = dht::DhtNow();
+  auto stored = dht_->Store(presence_key_, mine + "|" + std::to_string(now), now + 5 * period,
+                            dht_->owner_marker());
+  if (!stored.ok()) {
+    HM_LOG(kDebug) << "swarm: could not publish presence: " << stored.status().ToString();
+  }
+  auto found = dht_->Get(presence_key_, /*latest=*/true);
+  if (!found.ok() || !found->has_value()) return;
+  for (const auto& [subkey, entry] : (*found)->dictionary) {
+    if (subkey == dht_->owner_marker()) continue;
+    const size_t bar = entry.value.find('|');
+    if (bar == std::string::npos) continue;
+    const std::string id = entry.value.substr(0, bar);
+    double written = 0;
+    try {
+      written = std::stod(entry.value.substr(bar + 1));
+    } catch (...) {
+      continue;
+    }
+    // A launch in another group, alive after ours formed: a newcomer, or a group that formed
+    // apart. (One that last wrote before our group formed and is not in it has died since.)
+    if (id != mine && written > formed_at) {
+      if (!regroup_wanted_.exchange(true)) {
+        HM_LOG(kInfo) << "swarm: a launch outside this group is in the run (group "
+                      << id.substr(0, 12) << "); regrouping at the next training step";
+      }
+      return;
+    }
+  }
+}
+
+bool SwarmAverager::SwarmIsRunning() {
+  if (presence_key_.empty()) return false;
+  auto found = dht_->Get(presence_key_, /*latest=*/true);
+  if (!found.ok() || !found->has_value()) return false;
+  for (const auto& [subkey, entry] : (*found)->dictionary) {
+    if (subkey != dht_->owner_marker()) return true;
+  }
+  return false;
+}
+
+void SwarmAverager::Formed(SwarmGroup group) {
+  base_id_ = group.id;
+  group_ = std::move(group);
+  ++generation_;
+  std::lock_guard<std::mutex> lock(presence_mutex_);
+  published_id_ = base_id_;
+  formed_at_ = dht::DhtNow();
+  leading_ = launch_alive_[launch_.rank] && [&] {
+    for (int r = 0; r < launch_.rank; ++r) {
+      if (launch_alive_[r]) return false;
+    }
+    return true;
+  }();
+}
 
 std::string SwarmAverager::NextOpId() {
   return base_id_ + "." + std::to_string(shrinks_) + "/" + std::to_string(op_index_++);
 }
 
-Status SwarmAverager::EnsureGroup(Clock::time_point deadline) {
-  if (group_ && !regroup_wanted_) return Status::Ok();
-  regroup_wanted_ = false;
+Status SwarmAverager::EnsureGroup(Clock::time_point deadline, const std::string& signature) {
+  if (anchor_.empty()) anchor_ = signature;
+  if (group_ && !(regroup_agreed_ && signature == anchor_)) return Status::Ok();
+  regroup_agreed_ = false;
   return Form(deadline);
 }
 
@@ -59,8 +156,7 @@ Status SwarmAverager::Form(Clock::time_point deadline) {
     if (leader == launch_.rank) {
       auto formed = LeadFormation(key, deadline);
       if (!formed.ok()) return formed.status();
-      base_id_ = formed->id;
-      group_ = std::move(formed).value();
+      Formed(std::move(formed).value());
       return Status::Ok();
     }
     auto message = mailbox_.Receive(launch_.ranks[leader], key, deadline);
@@ -84,8 +180,7 @@ Status SwarmAverager::Form(Clock::time_point deadline) {
     }
     auto group = SwarmGroup::Decode(text, mailbox_.node().peer_id());
     if (!group.ok()) return group.status();
-    base_id_ = group->id;
-    group_ = std::move(group).value();
+    Formed(std::move(group).value());
     return Status::Ok();
   }
 }
@@ -117,9 +212,10 @@ Result<SwarmGroup> SwarmAverager::LeadFormation(const std::string& key,
   } else {
     averaging::MatchmakingOptions search;
     search.group_key = options_.matchmaking_key;
-    search.schema_hash = kSchema;
+    // Launches only meet at the same anchor op, so their op sequences line up afterwards.
+    search.schema_hash = std::string(kSchema) + "/" + anchor_;
     search.metadata = EncodeMembers(mine);
-    search.min_group_size = options_.min_group_size;
+    search.min_group_size = generation_ == 0 && !joining_ ? options_.min_group_size : 1;
     search.target_group_size = options_.target_group_size;
     search.window = options_.matchmaking_time;
     search.request_timeout = options_.request_timeout;
@@ -187,8 +283,9 @@ void SwarmAverager::Shrink(const std::vector<int>& keep) {
   group_ = std::move(next);
 }
 
-Result<MeanReport> SwarmAverager::Mean(std::vector<float>& data, Clock::time_point deadline) {
-  Status ready = EnsureGroup(deadline);
+Result<MeanReport> SwarmAverager::Mean(std::vector<float>& data, Clock::time_point deadline,
+                                       const std::string& signature, float weight) {
+  Status ready = EnsureGroup(deadline, signature);
   if (!ready.ok()) return ready;
   MeanReport report;
   report.group = *group_;
@@ -197,6 +294,8 @@ Result<MeanReport> SwarmAverager::Mean(std::vector<float>& data, Clock::time_poi
   const int n = static_cast<int>(group.members.size());
   if (n == 1) {
     report.contributors = {0};
+    // Alone, this peer's wish is the group's decision.
+    if (regroup_wanted_.exchange(false)) regroup_agreed_ = true;
     return report;
   }
 
@@ -214,7 +313,7 @@ Result<MeanReport> SwarmAverager::Mean(std::vector<float>& data, Clock::time_poi
   options.reducer_timeout = std::min(options.reducer_timeout, options.timeout);
 
   data.push_back(regroup_wanted_.exchange(false) ? 1.0f : 0.0f);
-  auto result = allreduce_.AllReduce(round, data, 1.0f, options);
+  auto result = allreduce_.AllReduce(round, data, weight, options);
   if (!result.ok()) {
     data.pop_back();
     group_.reset();
@@ -244,13 +343,13 @@ Result<MeanReport> SwarmAverager::Mean(std::vector<float>& data, Clock::time_poi
   } else if (static_cast<int>(everywhere.size()) < n) {
     Shrink(everywhere);
   }
-  if (regroup) group_.reset();
+  if (regroup) regroup_agreed_ = true;
   return report;
 }
 
 Result<std::pair<SwarmGroup, std::vector<net::Payload>>> SwarmAverager::AllGather(
-    net::Payload mine, Clock::time_point deadline) {
-  Status ready = EnsureGroup(deadline);
+    net::Payload mine, Clock::time_point deadline, const std::string& signature) {
+  Status ready = EnsureGroup(deadline, signature);
   if (!ready.ok()) return ready;
   SwarmGroup group = *group_;
   const std::string key = NextOpId() + "/gather";

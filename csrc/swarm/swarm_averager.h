@@ -10,17 +10,24 @@
 //    averaging/allreduce.h). Every member gets bitwise identical results and the same per-part
 //    contributor lists, so every member drops the same dead members afterwards: departures cost
 //    no extra round trip.
-//  * Regrouping: a member that wants the group re-formed (a newcomer is waiting) votes through one
-//    extra element appended to the averaged vector; the mean is identical everywhere, so every
-//    member re-forms before the same next op.
+//  * Regrouping: launch leaders publish which group they are in under a DHT key of the run, and
+//    read the others' entries every second. A leader that sees a launch outside its group (a
+//    newcomer, or a group that formed apart) wants a regroup and votes for it through one extra
+//    element appended to the averaged vector; the mean is identical everywhere, so every member
+//    re-forms at the same op: the next one with the "anchor" signature (that of the op the first
+//    group formed at, i.e. the first all-reduce of a training step), where a newcomer's first
+//    all-reduce also stands. Matchmaking only groups launches waiting at the same anchor.
 //
 // Not thread-safe: the backend calls it from its single operation thread.
 #pragma once
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "averaging/allreduce.h"
@@ -31,6 +38,9 @@
 
 namespace hivemind::averaging {
 class Matchmaker;
+}
+namespace hivemind::dht {
+class DhtRunner;
 }
 
 namespace hivemind::swarm {
@@ -45,12 +55,15 @@ struct SwarmOptions {
   // Empty: no matchmaking, the group is this launch's live ranks. Otherwise the DHT key under
   // which launch leaders meet (derived from the run id).
   std::string matchmaking_key;
-  // Launches (not ranks) a new group waits for, and the most it takes (0: no cap).
+  // Launches (not ranks) the first group of a fresh swarm waits for (later groups and joiners
+  // take whoever is there), and the most a group takes (0: no cap).
   int min_group_size = 1;
   int target_group_size = 0;
   // How long a matchmaking leader waits for more launches before sealing a group below target.
   std::chrono::milliseconds matchmaking_time{2000};
   std::chrono::milliseconds request_timeout{1000};
+  // How often launch leaders publish their group and look for launches outside it.
+  std::chrono::milliseconds presence_period{1000};
   // How long the launch leader waits for a rank's answer when checking that it is alive.
   std::chrono::milliseconds liveness_timeout{2000};
   // Per-round limits of the butterfly all-reduce; `timeout` is replaced by the op's deadline.
@@ -65,31 +78,51 @@ struct MeanReport {
 
 class SwarmAverager {
  public:
-  // `matchmaker` may be null when options.matchmaking_key is empty. All referenced objects must
-  // outlive the averager.
+  // `matchmaker` and `dht` may be null when options.matchmaking_key is empty. All referenced
+  // objects must outlive the averager.
   SwarmAverager(Mailbox& mailbox, averaging::AllReduceService& allreduce,
-                averaging::Matchmaker* matchmaker, LaunchInfo launch, SwarmOptions options);
+                averaging::Matchmaker* matchmaker, dht::DhtRunner* dht, LaunchInfo launch,
+                SwarmOptions options);
+  ~SwarmAverager();
+  SwarmAverager(const SwarmAverager&) = delete;
+  SwarmAverager& operator=(const SwarmAverager&) = delete;
 
-  // Replaces `data` by the mean over the contributors. Every contributor ends with bitwise
-  // identical data; on error `data` is unchanged and the next op forms a new group.
-  Result<MeanReport> Mean(std::vector<float>& data, Clock::time_point deadline);
+  // Replaces `data` by the weighted mean over the contributors. Every contributor ends with
+  // bitwise identical data; on error `data` is unchanged and the next op forms a new group.
+  // `signature` names the kind of op (dtype, size): regrouping waits for the anchor signature.
+  Result<MeanReport> Mean(std::vector<float>& data, Clock::time_point deadline,
+                          const std::string& signature, float weight = 1.0f);
 
   // Every member's `mine`, in group order (this member's own included). Any member that fails to
   // send fails the op (naming it) and the next op forms a new group.
   Result<std::pair<SwarmGroup, std::vector<net::Payload>>> AllGather(net::Payload mine,
-                                                                     Clock::time_point deadline);
+                                                                     Clock::time_point deadline,
+                                                                     const std::string& signature);
 
-  // Thread-safe: asks the group to re-form at the next round boundary (newcomers get in).
+  // Thread-safe: asks the group to re-form at the next anchor op (newcomers get in).
   void RequestRegroup() { regroup_wanted_ = true; }
+  // Thread-safe: how many groups this peer has formed or joined (not counting shrinks). A change
+  // between two training steps means others may have joined: their state needs syncing.
+  uint64_t generation() const { return generation_.load(); }
+  // Thread-safe: whether another launch of the run has published a formed group in the DHT
+  // (a process that sees one is joining a running swarm). False in standalone mode.
+  bool SwarmIsRunning();
+  // Thread-safe: this peer joins a running swarm, so it never waits for min_group_size launches
+  // (the first group of a fresh swarm does).
+  void SetJoining() { joining_ = true; }
 
   // The current group, if one is formed (for logs and tests).
   const std::optional<SwarmGroup>& group() const { return group_; }
   const LaunchInfo& launch() const { return launch_; }
 
  private:
-  Status EnsureGroup(Clock::time_point deadline);
+  Status EnsureGroup(Clock::time_point deadline, const std::string& signature);
   Status Form(Clock::time_point deadline);
   Result<SwarmGroup> LeadFormation(const std::string& key, Clock::time_point deadline);
+  void Formed(SwarmGroup group);
+  // The presence thread: publishes this launch's group, reads the others', wants regroups.
+  void PresenceLoop();
+  void PublishAndCheckPresence();
   void Shrink(const std::vector<int>& keep);
   std::string NextOpId();
 
@@ -104,8 +137,22 @@ class SwarmAverager {
   std::string base_id_;  // id of the group as formed; shrinks derive new ids from it
   int shrinks_ = 0;
   uint64_t op_index_ = 0;
-  int epoch_ = 0;  // formations so far; identical on every rank of the launch
+  int epoch_ = 0;                // formations so far; identical on every rank of the launch
+  std::string anchor_;           // signature of the op the first group formed at
+  bool regroup_agreed_ = false;  // the group voted to re-form at the next anchor op
   std::atomic<bool> regroup_wanted_{false};
+  std::atomic<bool> joining_{false};
+  std::atomic<uint64_t> generation_{0};
+
+  dht::DhtRunner* dht_;
+  std::string presence_key_;
+  std::mutex presence_mutex_;  // guards the fields below, shared with the presence thread
+  std::condition_variable presence_wake_;
+  bool presence_stop_ = false;
+  bool leading_ = false;      // this rank is its launch's leader
+  std::string published_id_;  // base id of the current group ("" while forming)
+  double formed_at_ = 0;      // DHT time of that formation
+  std::thread presence_thread_;
 };
 
 }  // namespace hivemind::swarm

@@ -232,8 +232,8 @@ HivemindBackend::HivemindBackend(const c10::intrusive_ptr<c10d::Store>& store, i
   options.request_timeout =
       std::chrono::milliseconds(static_cast<int64_t>(config.request_timeout * 1000));
   swarm_ = std::make_unique<swarm::SwarmAverager>(peer_->mailbox(), peer_->allreduce(),
-                                                  &peer_->matchmaker(), std::move(launch),
-                                                  std::move(options));
+                                                  &peer_->matchmaker(), &peer_->dht(),
+                                                  std::move(launch), std::move(options));
   thread_ = std::thread([this] { RunLoop(); });
   init();
 }
@@ -736,6 +736,64 @@ c10::intrusive_ptr<c10d::Work> HivemindBackend::allreduce_coalesced(
                  });
 }
 
+namespace {
+
+// What kind of all-reduce this is: regrouping waits for the op that started the first group.
+std::string Signature(const char* kind, const std::vector<at::Tensor>& tensors, int op) {
+  std::string signature = std::string(kind) + "/" + std::to_string(op);
+  for (const auto& tensor : tensors) {
+    signature += "/" + std::string(c10::toString(tensor.scalar_type())) + ":" +
+                 std::to_string(tensor.numel());
+  }
+  return signature.size() > 200 ? signature.substr(0, 200) : signature;
+}
+
+// A newcomer's weight until its state is synced: its gradients (computed on stale parameters)
+// change nothing, yet the group still works if every member is a newcomer.
+constexpr float kNewcomerWeight = 1e-30f;
+
+}  // namespace
+
+float HivemindBackend::Weight() const { return established_ ? 1.0f : kNewcomerWeight; }
+
+void HivemindBackend::set_joining() {
+  established_ = false;
+  swarm_->SetJoining();
+}
+
+c10::intrusive_ptr<c10d::Work> HivemindBackend::sync_state(std::vector<at::Tensor> tensors) {
+  for (const auto& tensor : tensors) {
+    CheckDense(tensor, "a state tensor");
+    Check(MeanFriendly(tensor), "state tensors must be floating point, got " +
+                                    std::string(c10::toString(tensor.scalar_type())));
+  }
+  return Enqueue(
+      c10d::OpType::ALLREDUCE, "hivemind:sync_state", "sync_state", tensors, c10d::kUnsetTimeout,
+      [this, tensors](const std::string&, Clock::time_point deadline) mutable {
+        int64_t total = 0;
+        for (const auto& tensor : tensors) total += tensor.numel();
+        std::vector<float> data(static_cast<size_t>(total) + 1);
+        data.reserve(data.size() + 1);
+        at::Tensor flat = at::from_blob(data.data(), {total + 1}, at::kFloat);
+        int64_t offset = 0;
+        for (const auto& tensor : tensors) {
+          flat.narrow(0, offset, tensor.numel()).copy_(tensor.reshape({-1}));
+          offset += tensor.numel();
+        }
+        // The last element: the weighted share of established members (> 0.5 when
+        // anyone in the group was established).
+        data.back() = established_ ? 1.0f : 0.0f;
+        auto report = swarm_->Mean(data, deadline, Signature("sync", tensors, 0), Weight());
+        if (!report.ok()) Fail("state sync failed: " + report.status().ToString());
+        offset = 0;
+        for (auto& tensor : tensors) {
+          tensor.copy_(flat.narrow(0, offset, tensor.numel()).view(tensor.sizes()));
+          offset += tensor.numel();
+        }
+        if (data.back() > 0.5f) established_ = true;
+      });
+}
+
 void HivemindBackend::AllReduceNow(std::vector<at::Tensor>& tensors, c10d::ReduceOp op,
                                    Clock::time_point deadline) {
   const bool mean = op == c10d::ReduceOp::SUM || op == c10d::ReduceOp::AVG;
@@ -765,7 +823,7 @@ void HivemindBackend::MeanAllReduce(std::vector<at::Tensor>& tensors, c10d::Redu
     if (scale != 1.0) slice.mul_(scale);
     offset += tensor.numel();
   }
-  auto report = swarm_->Mean(data, deadline);
+  auto report = swarm_->Mean(data, deadline, Signature("mean", tensors, op.op_), Weight());
   if (!report.ok()) Fail("allreduce failed: " + report.status().ToString());
   offset = 0;
   for (auto& tensor : tensors) {
@@ -781,7 +839,8 @@ void HivemindBackend::GatherAllReduce(std::vector<at::Tensor>& tensors, c10d::Re
   std::vector<at::Tensor> flat_parts;
   for (const auto& tensor : tensors) flat_parts.push_back(tensor.to(at::kCPU).reshape({-1}));
   at::Tensor mine = tensors.size() == 1 ? flat_parts[0].contiguous() : at::cat(flat_parts);
-  auto gathered = swarm_->AllGather(TensorPayload(mine), deadline);
+  auto gathered =
+      swarm_->AllGather(TensorPayload(mine), deadline, Signature("gather", tensors, op.op_));
   if (!gathered.ok()) Fail("allreduce failed: " + gathered.status().ToString());
   const swarm::SwarmGroup& group = gathered->first;
   std::vector<at::Tensor> inputs;

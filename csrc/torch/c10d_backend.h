@@ -121,6 +121,18 @@ class HivemindBackend : public c10d::Backend {
   std::string launch_id() const { return launch_id_; }
   // Ranks in the current all-reduce group (0 before the first all-reduce or after a failure).
   int swarm_group_size() const;
+  // Groups formed or joined so far (hivemind_backend.share_state syncs state when it changes).
+  uint64_t group_generation() const { return swarm_->generation(); }
+  // Whether other launches of the run are already training (this one then joins them).
+  bool swarm_is_running() { return swarm_->SwarmIsRunning(); }
+  // Marks this process as a newcomer: its contributions weigh next to nothing until a state
+  // sync with established peers has given it their state.
+  void set_joining();
+  // Averages `tensors` (floating point) over the group, weighting established peers only, so a
+  // newcomer ends with their state; afterwards this peer counts as established if anyone in the
+  // group was. An operation like the others (same order on every member).
+  c10::intrusive_ptr<c10d::Work> sync_state(std::vector<at::Tensor> tensors);
+  bool established() const { return established_.load(); }
 
  private:
   struct Op {
@@ -149,6 +161,7 @@ class HivemindBackend : public c10d::Backend {
                     Clock::time_point deadline);
   void MeanAllReduce(std::vector<at::Tensor>& tensors, c10d::ReduceOp op,
                      Clock::time_point deadline);
+  float Weight() const;
   void GatherAllReduce(std::vector<at::Tensor>& tensors, c10d::ReduceOp op,
                        Clock::time_point deadline);
   // Sends chunk j to rank j and reduces (op) what arrives, in rank order.
@@ -162,6 +175,7 @@ class HivemindBackend : public c10d::Backend {
   std::vector<net::PeerAddress> ranks_;
   std::unique_ptr<swarm::SwarmAverager> swarm_;  // used by the operation thread only
   std::atomic<int> group_size_{0};
+  std::atomic<bool> established_{true};
 
   // (destination, tag) -> sends so far, and (source, tag) -> receives so far: the n-th send
   // matches the n-th receive.

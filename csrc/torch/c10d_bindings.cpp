@@ -45,7 +45,13 @@ void RegisterC10dBindings(py::module_& m) {
            py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("peer_address", &HivemindBackend::peer_address)
       .def_property_readonly("launch_id", &HivemindBackend::launch_id)
-      .def_property_readonly("swarm_group_size", &HivemindBackend::swarm_group_size);
+      .def_property_readonly("swarm_group_size", &HivemindBackend::swarm_group_size)
+      .def_property_readonly("group_generation", &HivemindBackend::group_generation)
+      .def_property_readonly("established", &HivemindBackend::established)
+      .def("swarm_is_running", &HivemindBackend::swarm_is_running,
+           py::call_guard<py::gil_scoped_release>())
+      .def("set_joining", &HivemindBackend::set_joining)
+      .def("sync_state", &HivemindBackend::sync_state, py::arg("tensors"));
 
   m.def(
       "_shutdown_swarm_peer",

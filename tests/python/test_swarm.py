@@ -1,0 +1,107 @@
+"""A swarm of independent launches (each its own process, rank 0 of 1) that share a run id:
+unchanged DDP code trains across all of them; one is SIGKILLed and the others go on; a newcomer
+started later joins, gets the state, and ends with parameters identical to the others'."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import hivemind_backend
+
+WORKER = Path(__file__).with_name("swarm_worker.py")
+TIMEOUT = 240
+
+
+class Peer:
+    """A worker process whose output lines are collected by a thread."""
+
+    def __init__(self, name, env, stop_file):
+        self.name = name
+        self.lines = []
+        self.changed = threading.Condition()
+        self.process = subprocess.Popen([sys.executable, str(WORKER), name, str(stop_file)],
+                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.changed.notify_all()
+
+    def steps(self):
+        out = []
+        for line in list(self.lines):
+            parts = line.split()
+            if len(parts) == 10 and parts[0] == "step":
+                out.append({"step": int(parts[1]), "loss": float(parts[3]), "group": int(parts[5]),
+                            "established": parts[7] == "1"})
+        return out
+
+    def wait_for(self, predicate, deadline, what):
+        with self.changed:
+            while not predicate(self):
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.process.poll() is not None and not predicate(self)):
+                    raise AssertionError(f"{self.name}: {what} did not happen; output:\n" +
+                                         "\n".join(self.lines[-30:]))
+                self.changed.wait(min(left, 1.0))
+
+    def final(self):
+        for line in self.lines:
+            if line.startswith("final "):
+                return line.split()[1]
+        return None
+
+
+def test_killed_peer_and_late_newcomer(tmp_path):
+    bootstrap = hivemind_backend.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HIVEMIND_RUN_ID="swarm-test",
+               HIVEMIND_INITIAL_PEERS=",".join(bootstrap.get_visible_maddrs()),
+               HIVEMIND_HOST_MADDRS="/ip4/127.0.0.1/tcp/0", HIVEMIND_MIN_GROUP_SIZE="4",
+               HIVEMIND_MATCHMAKING_TIME="1.0", HIVEMIND_TIMEOUT="60")
+    stop_file = tmp_path / "stop"
+    deadline = time.monotonic() + TIMEOUT
+    peers = [Peer(f"peer{i}", env, stop_file) for i in range(4)]
+    newcomer = None
+    try:
+        for peer in peers:
+            peer.wait_for(lambda p: len(p.steps()) >= 15, deadline, "15 steps")
+        assert all(s["group"] == 4 for p in peers for s in p.steps()[2:15]), "not one swarm of 4"
+
+        victim = peers.pop()
+        victim.process.kill()
+        killed_at = len(peers[0].steps())
+        for peer in peers:
+            peer.wait_for(lambda p: len(p.steps()) >= killed_at + 20, deadline,
+                          "20 steps after the kill")
+            after = peer.steps()[killed_at + 5:killed_at + 20]
+            assert all(s["group"] == 3 for s in after), "the dead peer was not dropped"
+
+        newcomer = Peer("newcomer", env, stop_file)
+        newcomer.wait_for(lambda p: any(s["established"] for s in p.steps()), deadline,
+                          "the newcomer getting the state")
+        newcomer.wait_for(lambda p: len(p.steps()) >= 10, deadline, "10 newcomer steps")
+        for peer in peers:
+            peer.wait_for(lambda p: p.steps()[-1]["group"] == 4, deadline,
+                          "the newcomer entering the group")
+        stop_file.touch()
+        for peer in peers + [newcomer]:
+            peer.wait_for(lambda p: p.final() is not None, deadline, "the final checksum")
+            assert peer.process.wait(timeout=30) == 0
+        finals = {peer.name: peer.final() for peer in peers + [newcomer]}
+        assert len(set(finals.values())) == 1, f"replicas differ: {finals}"
+        for peer in peers:
+            losses = [s["loss"] for s in peer.steps()]
+            assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 * 0.5, "loss did not fall"
+    finally:
+        for peer in peers + [newcomer]:
+            if peer is not None and peer.process.poll() is None:
+                peer.process.kill()
+        bootstrap.shutdown()
