@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <sstream>
 
@@ -811,7 +812,8 @@ void HivemindBackend::MeanAllReduce(std::vector<at::Tensor>& tensors, c10d::Redu
                                     Clock::time_point deadline) {
   int64_t total = 0;
   for (const auto& tensor : tensors) total += tensor.numel();
-  std::vector<float> data(static_cast<size_t>(total));
+  // One extra element: the share of members whose values were not finite (see below).
+  std::vector<float> data(static_cast<size_t>(total) + 1, 0.0f);
   // Mean() appends one element (the regroup vote): keep `flat` valid across it.
   data.reserve(data.size() + 1);
   at::Tensor flat = at::from_blob(data.data(), {total}, at::kFloat);
@@ -823,8 +825,16 @@ void HivemindBackend::MeanAllReduce(std::vector<at::Tensor>& tensors, c10d::Redu
     if (scale != 1.0) slice.mul_(scale);
     offset += tensor.numel();
   }
+  // The all-reduce refuses non-finite values (an outsider must not be able to poison the mean),
+  // yet AMP's GradScaler relies on an overflow anywhere reaching everyone. So a member with
+  // inf/NaN sends zeros and raises the flag, and everyone's result becomes NaN.
+  if (!at::isfinite(flat).all().item<bool>()) {
+    flat.zero_();
+    data[static_cast<size_t>(total)] = 1.0f;
+  }
   auto report = swarm_->Mean(data, deadline, Signature("mean", tensors, op.op_), Weight());
   if (!report.ok()) Fail("allreduce failed: " + report.status().ToString());
+  if (data[static_cast<size_t>(total)] > 0.0f) flat.fill_(std::numeric_limits<float>::quiet_NaN());
   offset = 0;
   for (auto& tensor : tensors) {
     tensor.copy_(flat.narrow(0, offset, tensor.numel()).view(tensor.sizes()));

@@ -261,3 +261,23 @@ def test_backend_is_registered_by_import_torch_alone():
             "sys.exit(0 if 'hivemind' in d.Backend.backend_list and "
             "'hivemind_backend' not in sys.modules else 1)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def _overflow(rank, world_size):
+    import torch.distributed as dist
+
+    t = torch.ones(5)
+    if rank == 1:
+        t[2] = float("inf")
+    dist.all_reduce(t)
+    after = torch.ones(3)
+    dist.all_reduce(after)
+    return {"overflow": t, "after": after}
+
+
+def test_an_overflow_on_one_rank_reaches_every_rank_as_nan():
+    # AMP's GradScaler finds overflows by looking for non-finite gradients after the all-reduce.
+    results = run_ranks(_overflow, 3)
+    for rank in range(3):
+        assert torch.isnan(results[rank]["overflow"]).all()
+        assert results[rank]["after"].tolist() == [3.0] * 3
