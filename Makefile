@@ -18,7 +18,7 @@ APT_PACKAGES := cmake g++ pkg-config ninja-build ccache clang-format \
 	libzmq3-dev cppzmq-dev libprotobuf-dev protobuf-compiler libsodium-dev \
 	libgtest-dev libgmock-dev libbenchmark-dev
 # Pinned: an unpinned torch would download a multi-GB CUDA build.
-PIP_PACKAGES := torch==2.13.0 pytest numpy lightning==2.6.6 scikit-learn
+PIP_PACKAGES := torch==2.13.0 pytest numpy lightning==2.6.6 scikit-learn expecttest
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FORMAT_DIRS := $(wildcard csrc tests/cpp benchmarks examples)
 

@@ -259,6 +259,11 @@ HivemindBackend::~HivemindBackend() {
 
 int HivemindBackend::swarm_group_size() const { return group_size_.load(); }
 
+uint64_t HivemindBackend::getSequenceNumberForGroup() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return issued_;
+}
+
 // ---- the operation queue ----
 
 std::chrono::milliseconds HivemindBackend::Timeout(std::chrono::milliseconds requested) const {
@@ -274,6 +279,7 @@ c10::intrusive_ptr<c10d::Work> HivemindBackend::Enqueue(
     std::lock_guard<std::mutex> lock(mutex_);
     Check(!stopping_, "the process group is shut down");
     queue_.push_back(Op{work, std::move(body), Timeout(timeout), std::move(name)});
+    ++issued_;
   }
   wake_.notify_one();
   return work;

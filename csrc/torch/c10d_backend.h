@@ -115,6 +115,10 @@ class HivemindBackend : public c10d::Backend {
   c10::intrusive_ptr<c10d::Work> recv(std::vector<at::Tensor>& tensors, int src_rank,
                                       int tag) override;
   c10::intrusive_ptr<c10d::Work> barrier(const c10d::BarrierOptions& opts) override;
+  // Operations issued so far (TORCH_DISTRIBUTED_DEBUG=DETAIL compares them across ranks). Every
+  // rank starts at 0, so there is nothing to agree on.
+  void setSequenceNumberForGroup() override {}
+  uint64_t getSequenceNumberForGroup() override;
 
   // For Python (hivemind_backend.c10d) and tests.
   std::string peer_address() const { return peer_->address(); }
@@ -184,7 +188,8 @@ class HivemindBackend : public c10d::Backend {
   mutable std::mutex mutex_;
   std::condition_variable wake_;
   std::deque<Op> queue_;
-  uint64_t next_seq_ = 0;
+  uint64_t next_seq_ = 0;  // operations started
+  uint64_t issued_ = 0;    // operations enqueued
   bool stopping_ = false;
   std::thread thread_;
 };
