@@ -156,8 +156,9 @@ def resolve_options(options: Optional[Options] = None) -> dict:
 
 def _run_id(value: Any, source: str) -> str:
     text = str(value).strip()
-    if not text or len(text) > 128 or any(c.isspace() for c in text):
-        raise ValueError(f"{source}: run_id must be 1..128 characters without spaces, got {value!r}")
+    if not text or len(text) > 128 or any(c.isspace() or c == "." for c in text):
+        raise ValueError(
+            f"{source}: run_id must be 1..128 characters without spaces or dots, got {value!r}")
     return text
 
 

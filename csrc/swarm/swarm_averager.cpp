@@ -37,6 +37,21 @@ SwarmAverager::SwarmAverager(Mailbox& mailbox, averaging::AllReduceService& allr
       options_(std::move(options)),
       launch_alive_(launch_.ranks.size(), true),
       dht_(dht) {
+  if (moshpit()) {
+    averaging::GroupKeyOptions grid;
+    grid.prefix = options_.matchmaking_key;
+    grid.grid_side = options_.target_group_size;
+    grid.grid_dims = std::max(1, options_.moshpit_dims);
+    // A launch's starting cell: spread by its random id (launches know nothing of each other).
+    grid.rank = static_cast<int64_t>(std::hash<std::string>()(launch_.launch_id) >> 1);
+    auto created = averaging::GroupKeyManager::Create(grid);
+    if (created.ok()) {
+      keys_ = std::move(created).value();
+    } else {  // only for a prefix the Python side lets through by mistake
+      HM_LOG(kError) << "swarm: no Moshpit grid, groups will not rotate: "
+                     << created.status().ToString();
+    }
+  }
   if (!options_.matchmaking_key.empty() && dht_ != nullptr) {
     presence_key_ = options_.matchmaking_key + ".presence";
     presence_thread_ = std::thread([this] { PresenceLoop(); });
@@ -97,7 +112,8 @@ void SwarmAverager::PublishAndCheckPresence() {
     }
     // A launch in another group, alive after ours formed: a newcomer, or a group that formed
     // apart. (One that last wrote before our group formed and is not in it has died since.)
-    if (id != mine && written > formed_at) {
+    // With Moshpit, other groups exist by design and everyone rotates anyway.
+    if (id != mine && written > formed_at && !moshpit()) {
       if (!regroup_wanted_.exchange(true)) {
         HM_LOG(kInfo) << "swarm: a launch outside this group is in the run (group "
                       << id.substr(0, 12) << "); regrouping at the next training step";
@@ -138,8 +154,14 @@ std::string SwarmAverager::NextOpId() {
 
 Status SwarmAverager::EnsureGroup(Clock::time_point deadline, const std::string& signature) {
   if (anchor_.empty()) anchor_ = signature;
+  if (group_ && signature == anchor_) {
+    // Every member counts the same anchors since the group formed, so they rotate together.
+    ++anchors_in_group_;
+    if (moshpit() && anchors_in_group_ > options_.moshpit_period) regroup_agreed_ = true;
+  }
   if (group_ && !(regroup_agreed_ && signature == anchor_)) return Status::Ok();
   regroup_agreed_ = false;
+  anchors_in_group_ = 0;
   return Form(deadline);
 }
 
@@ -212,6 +234,7 @@ Result<SwarmGroup> SwarmAverager::LeadFormation(const std::string& key,
   } else {
     averaging::MatchmakingOptions search;
     search.group_key = options_.matchmaking_key;
+    if (keys_) search.group_key = keys_->CurrentKey();
     // Launches only meet at the same anchor op, so their op sequences line up afterwards.
     search.schema_hash = std::string(kSchema) + "/" + anchor_;
     search.metadata = EncodeMembers(mine);
@@ -225,6 +248,11 @@ Result<SwarmGroup> SwarmAverager::LeadFormation(const std::string& key,
       failed = formed.status();
     } else {
       group.id = HexId(formed->group.id);
+      if (keys_) {
+        Status moved = keys_->OnGroupAssembled(formed->group.id, formed->group.my_index,
+                                               static_cast<int>(formed->group.members.size()));
+        if (!moved.ok()) HM_LOG(kWarning) << "swarm: Moshpit key not moved: " << moved.ToString();
+      }
       for (const std::string& metadata : formed->metadata) {
         auto members = DecodeMembers(metadata);
         if (!members.ok()) {

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "averaging/allreduce.h"
+#include "averaging/group_key.h"
 #include "common/status.h"
 #include "net/address.h"
 #include "swarm/mailbox.h"
@@ -59,6 +60,12 @@ struct SwarmOptions {
   // take whoever is there), and the most a group takes (0: no cap).
   int min_group_size = 1;
   int target_group_size = 0;
+  // With target_group_size > 0, groups are cells of a Moshpit grid of this many dimensions
+  // (side target_group_size) and re-form along the next dimension every `moshpit_period` anchor
+  // ops (training steps), so that every launch's state mixes with every other's
+  // (docs/matchmaking.md, "Moshpit grid"). Newcomers get in at those rotations.
+  int moshpit_dims = 2;
+  int moshpit_period = 10;
   // How long a matchmaking leader waits for more launches before sealing a group below target.
   std::chrono::milliseconds matchmaking_time{2000};
   std::chrono::milliseconds request_timeout{1000};
@@ -124,6 +131,9 @@ class SwarmAverager {
   void PresenceLoop();
   void PublishAndCheckPresence();
   void Shrink(const std::vector<int>& keep);
+  bool moshpit() const {
+    return !options_.matchmaking_key.empty() && options_.target_group_size > 0;
+  }
   std::string NextOpId();
 
   Mailbox& mailbox_;
@@ -139,6 +149,8 @@ class SwarmAverager {
   uint64_t op_index_ = 0;
   int epoch_ = 0;                // formations so far; identical on every rank of the launch
   std::string anchor_;           // signature of the op the first group formed at
+  int anchors_in_group_ = 0;     // anchor ops run in the current group (Moshpit rotation)
+  std::optional<averaging::GroupKeyManager> keys_;  // Moshpit grid position (leaders only)
   bool regroup_agreed_ = false;  // the group voted to re-form at the next anchor op
   std::atomic<bool> regroup_wanted_{false};
   std::atomic<bool> joining_{false};

@@ -232,6 +232,13 @@ HivemindBackend::HivemindBackend(const c10::intrusive_ptr<c10d::Store>& store, i
       std::chrono::milliseconds(static_cast<int64_t>(config.matchmaking_time * 1000));
   options.request_timeout =
       std::chrono::milliseconds(static_cast<int64_t>(config.request_timeout * 1000));
+  // Dead peers are found by liveness probes and broken streams within about half a second, so
+  // the "silent for too long" timeouts only catch live but stuck peers. Keep them long: peers on
+  // slower hardware may reach an all-reduce many seconds after the others, and must not be
+  // dropped for it. Both are bounded by the op timeout anyway.
+  options.allreduce.liveness_probe = std::chrono::milliseconds(250);
+  options.allreduce.sender_timeout = std::chrono::seconds(60);
+  options.allreduce.reducer_timeout = std::chrono::seconds(90);
   swarm_ = std::make_unique<swarm::SwarmAverager>(peer_->mailbox(), peer_->allreduce(),
                                                   &peer_->matchmaker(), &peer_->dht(),
                                                   std::move(launch), std::move(options));

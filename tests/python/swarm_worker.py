@@ -3,8 +3,8 @@ test_swarm.py. Peers find each other through HIVEMIND_INITIAL_PEERS + HIVEMIND_R
 small regression model with unchanged DDP code plus hivemind_backend.share_state, and stop
 together: each step all-reduces a stop flag (MAX), raised by any peer that sees the stop file.
 
-Prints one line per step: "step <n> loss <l> group <ranks> established <0|1> stop <0|1>", and at
-the end "final <sha256 of the parameters>"."""
+Prints one line per step: "step <n> loss <l> group <ranks> established <0|1> stop <0|1>
+generation <groups formed so far>", and at the end "final <sha256 of the parameters>"."""
 
 import hashlib
 import os
@@ -49,7 +49,8 @@ def main(name: str, stop_file: str) -> None:
         stop = torch.tensor([1 if os.path.exists(stop_file) else 0])
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         print(f"step {step} loss {loss.item():.5f} group {backend.swarm_group_size} "
-              f"established {int(shared.established)} stop {stop.item()}", flush=True)
+              f"established {int(shared.established)} stop {stop.item()} "
+              f"generation {backend.group_generation}", flush=True)
         step += 1
         if stop.item():
             break

@@ -39,9 +39,9 @@ class Peer:
         out = []
         for line in list(self.lines):
             parts = line.split()
-            if len(parts) == 10 and parts[0] == "step":
+            if len(parts) == 12 and parts[0] == "step":
                 out.append({"step": int(parts[1]), "loss": float(parts[3]), "group": int(parts[5]),
-                            "established": parts[7] == "1"})
+                            "established": parts[7] == "1", "generation": int(parts[11])})
         return out
 
     def wait_for(self, predicate, deadline, what):
@@ -60,12 +60,18 @@ class Peer:
         return None
 
 
-def test_killed_peer_and_late_newcomer(tmp_path):
-    bootstrap = hivemind_backend.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+def swarm_env(bootstrap, **extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", HIVEMIND_RUN_ID="swarm-test",
                HIVEMIND_INITIAL_PEERS=",".join(bootstrap.get_visible_maddrs()),
-               HIVEMIND_HOST_MADDRS="/ip4/127.0.0.1/tcp/0", HIVEMIND_MIN_GROUP_SIZE="4",
-               HIVEMIND_MATCHMAKING_TIME="1.0", HIVEMIND_TIMEOUT="60")
+               HIVEMIND_HOST_MADDRS="/ip4/127.0.0.1/tcp/0", HIVEMIND_MATCHMAKING_TIME="1.0",
+               HIVEMIND_TIMEOUT="60")
+    env.update(extra)
+    return env
+
+
+def test_killed_peer_and_late_newcomer(tmp_path):
+    bootstrap = hivemind_backend.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    env = swarm_env(bootstrap, HIVEMIND_MIN_GROUP_SIZE="4")
     stop_file = tmp_path / "stop"
     deadline = time.monotonic() + TIMEOUT
     peers = [Peer(f"peer{i}", env, stop_file) for i in range(4)]
@@ -103,5 +109,34 @@ def test_killed_peer_and_late_newcomer(tmp_path):
     finally:
         for peer in peers + [newcomer]:
             if peer is not None and peer.process.poll() is None:
+                peer.process.kill()
+        bootstrap.shutdown()
+
+
+def test_groups_beyond_the_target_size_rotate_moshpit_style(tmp_path):
+    """4 launches, groups of at most 2: the groups re-form along the grid every few steps, each
+    rotation averages the state of the new partners (share_state), and training converges."""
+    bootstrap = hivemind_backend.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    env = swarm_env(bootstrap, HIVEMIND_MIN_GROUP_SIZE="2", HIVEMIND_TARGET_GROUP_SIZE="2",
+                    HIVEMIND_RUN_ID="moshpit-test")
+    stop_file = tmp_path / "stop"
+    deadline = time.monotonic() + TIMEOUT
+    peers = [Peer(f"peer{i}", env, stop_file) for i in range(4)]
+    try:
+        for peer in peers:
+            peer.wait_for(lambda p: p.steps() and p.steps()[-1]["generation"] >= 4, deadline,
+                          "four groups in turn")
+        stop_file.touch()
+        for peer in peers:
+            peer.wait_for(lambda p: p.final() is not None, deadline, "the final checksum")
+            assert peer.process.wait(timeout=30) == 0
+            steps = peer.steps()
+            assert max(s["group"] for s in steps) <= 2, "a group grew beyond the target size"
+            assert any(s["group"] == 2 for s in steps), "never averaged with anyone"
+            losses = [s["loss"] for s in steps]
+            assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, "loss did not fall"
+    finally:
+        for peer in peers:
+            if peer.process.poll() is None:
                 peer.process.kill()
         bootstrap.shutdown()
