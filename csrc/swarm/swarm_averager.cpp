@@ -313,6 +313,7 @@ void SwarmAverager::Shrink(const std::vector<int>& keep) {
 
 Result<MeanReport> SwarmAverager::Mean(std::vector<float>& data, Clock::time_point deadline,
                                        const std::string& signature, float weight) {
+  if (!dropped_.ok()) return dropped_;
   Status ready = EnsureGroup(deadline, signature);
   if (!ready.ok()) return ready;
   MeanReport report;
@@ -366,8 +367,19 @@ Result<MeanReport> SwarmAverager::Mean(std::vector<float>& data, Clock::time_poi
   report.contributors = everywhere;
   report.failures = result->failures;
   if (std::find(everywhere.begin(), everywhere.end(), group.my_index) == everywhere.end()) {
-    // The others dropped this peer (it was too slow): rejoin through a new formation.
     group_.reset();
+    if (options_.matchmaking_key.empty()) {
+      // The others dropped this rank (it was silent too long) and go on without it. A standalone
+      // launch has no way back in (its leader only forms groups at start), so say so now rather
+      // than wait for a group that never comes; torchrun's restart is the recovery.
+      dropped_ = Status(StatusCode::kUnavailable,
+                        "the other ranks dropped this rank from the averaging group (" +
+                            (result->failures.empty() ? std::string("it was too slow")
+                                                      : result->failures.front()) +
+                            "); a launch without initial peers cannot take it back");
+      return dropped_;
+    }
+    // In a swarm, the presence records bring it back at the next regroup.
   } else if (static_cast<int>(everywhere.size()) < n) {
     Shrink(everywhere);
   }
@@ -377,6 +389,7 @@ Result<MeanReport> SwarmAverager::Mean(std::vector<float>& data, Clock::time_poi
 
 Result<std::pair<SwarmGroup, std::vector<net::Payload>>> SwarmAverager::AllGather(
     net::Payload mine, Clock::time_point deadline, const std::string& signature) {
+  if (!dropped_.ok()) return dropped_;
   Status ready = EnsureGroup(deadline, signature);
   if (!ready.ok()) return ready;
   SwarmGroup group = *group_;

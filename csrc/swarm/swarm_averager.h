@@ -147,9 +147,10 @@ class SwarmAverager {
   std::string base_id_;  // id of the group as formed; shrinks derive new ids from it
   int shrinks_ = 0;
   uint64_t op_index_ = 0;
-  int epoch_ = 0;                // formations so far; identical on every rank of the launch
-  std::string anchor_;           // signature of the op the first group formed at
-  int anchors_in_group_ = 0;     // anchor ops run in the current group (Moshpit rotation)
+  int epoch_ = 0;       // formations so far; identical on every rank of the launch
+  Status dropped_;      // set once the others dropped this rank from a standalone launch's group
+  std::string anchor_;  // signature of the op the first group formed at
+  int anchors_in_group_ = 0;  // anchor ops run in the current group (Moshpit rotation)
   std::optional<averaging::GroupKeyManager> keys_;  // Moshpit grid position (leaders only)
   bool regroup_agreed_ = false;  // the group voted to re-form at the next anchor op
   std::atomic<bool> regroup_wanted_{false};
