@@ -83,12 +83,14 @@ def test_killed_peer_and_late_newcomer(tmp_path):
 
         victim = peers.pop()
         victim.process.kill()
-        killed_at = len(peers[0].steps())
+        # Output is read asynchronously, so the step at which the kill landed is not known here;
+        # what must hold: every survivor drops the dead peer and then trains on without it.
         for peer in peers:
-            peer.wait_for(lambda p: len(p.steps()) >= killed_at + 20, deadline,
-                          "20 steps after the kill")
-            after = peer.steps()[killed_at + 5:killed_at + 20]
-            assert all(s["group"] == 3 for s in after), "the dead peer was not dropped"
+            peer.wait_for(lambda p: sum(s["group"] == 3 for s in p.steps()) >= 20, deadline,
+                          "20 steps in the group of 3 survivors")
+            groups = [s["group"] for s in peer.steps()]
+            first_without = groups.index(3)
+            assert all(g == 3 for g in groups[first_without:]), "the dead peer came back"
 
         newcomer = Peer("newcomer", env, stop_file)
         newcomer.wait_for(lambda p: any(s["established"] for s in p.steps()), deadline,
