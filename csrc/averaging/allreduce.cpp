@@ -574,9 +574,16 @@ void Round::AbandonLocked(int share) {
 
 void Round::ArmRead(const std::shared_ptr<Channel>& channel) {
   channel->pending = channel->stream->Read();
-  auto self = shared_from_this();
+  // Weak, both: the channel holds the future that holds this callback, so a read that never
+  // completes (its stream was dropped) would otherwise keep the channel, and through it the
+  // round, alive forever.
+  std::weak_ptr<Round> weak = weak_from_this();
+  std::weak_ptr<Channel> weak_channel = channel;
   // May run right here (a message was waiting), so the caller must not hold mutex_.
-  channel->pending.OnReady([self, channel](const Result<std::optional<Message>>&) {
+  channel->pending.OnReady([weak, weak_channel](const Result<std::optional<Message>>&) {
+    auto self = weak.lock();
+    auto channel = weak_channel.lock();
+    if (!self || !channel) return;
     std::lock_guard<std::mutex> lock(self->mutex_);
     channel->read_ready = true;
     self->cv_.notify_all();
@@ -667,9 +674,11 @@ void Round::RequestTakeover(int share, size_t position) {
   stream->Write(Encode(header));
   stream->CloseWrite();
   ReadFuture pending = stream->Read();
-  auto self = shared_from_this();
+  std::weak_ptr<Round> weak = weak_from_this();
   auto answered = std::make_shared<bool>(false);
-  pending.OnReady([self, answered](const Result<std::optional<Message>>&) {
+  pending.OnReady([weak, answered](const Result<std::optional<Message>>&) {
+    auto self = weak.lock();
+    if (!self) return;
     std::lock_guard<std::mutex> lock(self->mutex_);
     *answered = true;
     self->cv_.notify_all();
