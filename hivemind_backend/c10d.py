@@ -41,6 +41,10 @@ class Options:
       (``HIVEMIND_MIN_GROUP_SIZE``, default 1).
     :param target_group_size: most launches per averaging group, 0 for no cap
       (``HIVEMIND_TARGET_GROUP_SIZE``).
+    :param moshpit_dims: with ``target_group_size``, the dimensions of the Moshpit grid whose cells
+      the groups are (``HIVEMIND_MOSHPIT_DIMS``, default 2).
+    :param moshpit_period: training steps between two rotations of the grid
+      (``HIVEMIND_MOSHPIT_PERIOD``, default 10).
     :param matchmaking_time: how long a forming group waits for more launches
       (``HIVEMIND_MATCHMAKING_TIME``, default 2).
     :param request_timeout: bound on each matchmaking request (``HIVEMIND_REQUEST_TIMEOUT``, 1).
@@ -57,6 +61,8 @@ class Options:
     timeout: Optional[float] = None
     min_group_size: Optional[int] = None
     target_group_size: Optional[int] = None
+    moshpit_dims: Optional[int] = None
+    moshpit_period: Optional[int] = None
     matchmaking_time: Optional[float] = None
     request_timeout: Optional[float] = None
     bootstrap_timeout: Optional[float] = None
@@ -72,6 +78,8 @@ _ENV = {
     "timeout": "HIVEMIND_TIMEOUT",
     "min_group_size": "HIVEMIND_MIN_GROUP_SIZE",
     "target_group_size": "HIVEMIND_TARGET_GROUP_SIZE",
+    "moshpit_dims": "HIVEMIND_MOSHPIT_DIMS",
+    "moshpit_period": "HIVEMIND_MOSHPIT_PERIOD",
     "matchmaking_time": "HIVEMIND_MATCHMAKING_TIME",
     "request_timeout": "HIVEMIND_REQUEST_TIMEOUT",
     "bootstrap_timeout": "HIVEMIND_BOOTSTRAP_TIMEOUT",
@@ -143,6 +151,9 @@ def resolve_options(options: Optional[Options] = None) -> dict:
                               lambda v, s: _number("min_group_size", v, int, 1, s), 1),
         "target_group_size": get("target_group_size",
                                  lambda v, s: _number("target_group_size", v, int, 0, s), 0),
+        "moshpit_dims": get("moshpit_dims", lambda v, s: _number("moshpit_dims", v, int, 1, s), 2),
+        "moshpit_period": get("moshpit_period",
+                              lambda v, s: _number("moshpit_period", v, int, 1, s), 10),
         "matchmaking_time": get("matchmaking_time",
                                 lambda v, s: _number("matchmaking_time", v, float, 0.001, s), 2.0),
         "request_timeout": get("request_timeout",
@@ -170,7 +181,8 @@ def create_backend(dist_options: Any, pg_options: Optional[Options]):
     settings = resolve_options(pg_options)
     config = _C._BackendConfig()
     for name in ("initial_peers", "run_id", "host_maddrs", "announce_maddrs", "identity_path",
-                 "min_group_size", "target_group_size", "matchmaking_time", "request_timeout",
+                 "min_group_size", "target_group_size", "moshpit_dims", "moshpit_period",
+                 "matchmaking_time", "request_timeout",
                  "bootstrap_timeout", "encryption"):
         setattr(config, name, settings[name])
     # Only the default group (no explicit rank list) averages across launches; subgroups are

@@ -228,6 +228,8 @@ HivemindBackend::HivemindBackend(const c10::intrusive_ptr<c10d::Store>& store, i
   }
   options.min_group_size = config.min_group_size;
   options.target_group_size = config.target_group_size;
+  options.moshpit_dims = config.moshpit_dims;
+  options.moshpit_period = config.moshpit_period;
   options.matchmaking_time =
       std::chrono::milliseconds(static_cast<int64_t>(config.matchmaking_time * 1000));
   options.request_timeout =

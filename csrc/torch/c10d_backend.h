@@ -46,6 +46,8 @@ struct BackendConfig {
   bool join_swarm = false;
   int min_group_size = 1;     // launches a new averaging group waits for
   int target_group_size = 0;  // most launches in one group (0: no cap)
+  int moshpit_dims = 2;       // beyond target_group_size: grid dimensions
+  int moshpit_period = 10;    // and training steps between rotations
   double matchmaking_time = 2.0;
   double request_timeout = 1.0;
   double bootstrap_timeout = 30.0;

@@ -29,6 +29,8 @@ void RegisterC10dBindings(py::module_& m) {
       .def_readwrite("join_swarm", &BackendConfig::join_swarm)
       .def_readwrite("min_group_size", &BackendConfig::min_group_size)
       .def_readwrite("target_group_size", &BackendConfig::target_group_size)
+      .def_readwrite("moshpit_dims", &BackendConfig::moshpit_dims)
+      .def_readwrite("moshpit_period", &BackendConfig::moshpit_period)
       .def_readwrite("matchmaking_time", &BackendConfig::matchmaking_time)
       .def_readwrite("request_timeout", &BackendConfig::request_timeout)
       .def_readwrite("bootstrap_timeout", &BackendConfig::bootstrap_timeout);

@@ -230,6 +230,8 @@ def _bad_env(rank, world_size):
         ({"HIVEMIND_MIN_GROUP_SIZE": "many"}, "HIVEMIND_MIN_GROUP_SIZE"),
         ({"HIVEMIND_TIMEOUT": "-3"}, "HIVEMIND_TIMEOUT"),
         ({"HIVEMIND_ENCRYPTION": "maybe"}, "HIVEMIND_ENCRYPTION"),
+        ({"HIVEMIND_MOSHPIT_PERIOD": "0"}, "HIVEMIND_MOSHPIT_PERIOD"),
+        ({"HIVEMIND_RUN_ID": "has.dot"}, "HIVEMIND_RUN_ID"),
         ({"HIVEMIND_INITIAL_PEERS": "/ip4/127.0.0.1/tcp/1/p2p/notapeerid"}, "notapeerid"),
     ],
 )

@@ -116,11 +116,11 @@ def test_killed_peer_and_late_newcomer(tmp_path):
 
 
 def test_groups_beyond_the_target_size_rotate_moshpit_style(tmp_path):
-    """4 launches, groups of at most 2: the groups re-form along the grid every few steps, each
+    """4 launches, groups of at most 2: the groups re-form along the grid every 3 steps, each
     rotation averages the state of the new partners (share_state), and training converges."""
     bootstrap = hivemind_backend.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     env = swarm_env(bootstrap, HIVEMIND_MIN_GROUP_SIZE="2", HIVEMIND_TARGET_GROUP_SIZE="2",
-                    HIVEMIND_RUN_ID="moshpit-test")
+                    HIVEMIND_MOSHPIT_PERIOD="3", HIVEMIND_RUN_ID="moshpit-test")
     stop_file = tmp_path / "stop"
     deadline = time.monotonic() + TIMEOUT
     peers = [Peer(f"peer{i}", env, stop_file) for i in range(4)]
