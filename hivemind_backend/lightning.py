@@ -158,6 +158,18 @@ class HivemindStrategy(DDPStrategy):
         self._export_swarm_env()
         super().setup_distributed()
 
+    def setup(self, trainer: Any) -> None:
+        super().setup(trainer)
+        # Lightning creates the optimizers in setup, after wrapping the model in DDP; share_state
+        # works on the wrapped model's parameters all the same, so a launch that joins a running
+        # swarm gets its state at its first step (docs/c10d.md, "Joining a running swarm").
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_backend() == "hivemind" and len(self.optimizers) == 1:
+            from hivemind_backend.state_sync import share_state
+
+            self.shared_state = share_state(self.lightning_module, self.optimizers[0])
+
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
         # Overrides DDPStrategy's, which would register "ddp", "ddp_spawn", ... for this class.

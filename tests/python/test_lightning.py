@@ -127,6 +127,7 @@ def fit_main(argv: list[str]) -> None:
         status=str(trainer.state.status.value),
         metric=float(trainer.callback_metrics["rank_value"]),
         params=[p.detach().tolist() for p in model.parameters()],
+        state_syncs=getattr(getattr(trainer.strategy, "shared_state", None), "syncs", None),
     )
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(report))
 
@@ -192,6 +193,9 @@ def test_ddp_strategy_fit(tmp_path):
 def test_hivemind_strategy_fit(tmp_path):
     reports = run_fit("hivemind", tmp_path)
     check_fit(reports, "HivemindStrategy")
+    if backend_under_test() == "hivemind":
+        # HivemindStrategy shares the state (share_state): one sync when the first group formed.
+        assert all(rep["state_syncs"] == 1 for rep in reports), [r["state_syncs"] for r in reports]
     # The swarm options reached every rank's environment before training (rank 1 included).
     expected = {
         "HIVEMIND_RUN_ID": "lightning_test_run",
