@@ -21,7 +21,13 @@ StreamImpl::StreamImpl(PeerId peer, uint64_t link_id, uint64_t call_id, bool we_
 void StreamImpl::PostToReactor(std::function<void(StreamImpl&)> action) {
   auto self = shared_from_this();
   bool posted = reactor_->Post([self, action = std::move(action)] { action(*self); });
-  if (!posted) Fail(Status(StatusCode::kCancelled, "the node is shut down"));
+  // Not Fail() here: most callers hold mutex_, which Fail() takes (that deadlocked a node shutting
+  // down under a stream write). They call FailIfReactorGone() once they released it.
+  if (!posted) reactor_gone_ = true;
+}
+
+void StreamImpl::FailIfReactorGone() {
+  if (reactor_gone_) Fail(Status(StatusCode::kCancelled, "the node is shut down"));
 }
 
 std::vector<Promise<Empty>> StreamImpl::PumpWritesLocked() {
@@ -60,6 +66,7 @@ Future<Empty> StreamImpl::Write(Message message) {
     pending_writes_.emplace_back(std::move(message), promise);
     written = PumpWritesLocked();
   }
+  FailIfReactorGone();
   for (auto& done : written) done.Set(Empty{});
   return promise.future();
 }
@@ -74,6 +81,7 @@ void StreamImpl::FinishFromHandler(const Status& status) {
     close_status_ = status;
     written = PumpWritesLocked();
   }
+  FailIfReactorGone();
   for (auto& done : written) done.Set(Empty{});
 }
 
@@ -93,11 +101,13 @@ void StreamImpl::NoteConsumedLocked() {
 }
 
 Future<std::optional<Message>> StreamImpl::Read() {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::unique_lock<std::mutex> lock(mutex_);
   if (!inbox_.empty()) {
     Message message = std::move(inbox_.front());
     inbox_.pop_front();
     NoteConsumedLocked();
+    lock.unlock();
+    FailIfReactorGone();
     return Future<std::optional<Message>>::Ready(std::optional<Message>(std::move(message)));
   }
   if (read_end_) {
@@ -114,6 +124,7 @@ void StreamImpl::Cancel() {
   PostToReactor([transport = transport_, cancelled](StreamImpl& self) {
     transport->AbortStream(self, cancelled);
   });
+  // Already failed above: nothing more to do if the reactor is gone.
 }
 
 void StreamImpl::OnData(Message message) {
@@ -127,11 +138,12 @@ void StreamImpl::OnData(Message message) {
       NoteConsumedLocked();
       auto shared = std::make_shared<Message>(std::move(message));
       pool_->Post([promise, shared] { promise.Set(std::optional<Message>(std::move(*shared))); });
-      return;
+    } else {
+      inbox_.push_back(std::move(message));
+      overflow = static_cast<int>(inbox_.size()) > window_;
     }
-    inbox_.push_back(std::move(message));
-    overflow = static_cast<int>(inbox_.size()) > window_;
   }
+  FailIfReactorGone();
   if (overflow) {
     Status violation(StatusCode::kProtocolError,
                      "peer " + peer_.ToString() + " wrote past the stream's flow-control window");
@@ -179,6 +191,7 @@ void StreamImpl::OnCredit(int messages) {
     send_credit_ += messages;
     written = PumpWritesLocked();
   }
+  FailIfReactorGone();
   for (auto& done : written) pool_->Post([done] { done.Set(Empty{}); });
 }
 

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <atomic>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -59,7 +60,10 @@ class StreamImpl : public Stream, public std::enable_shared_from_this<StreamImpl
   bool finished_locally() const;
 
  private:
+  // Hands `action` to the reactor thread. When the node is shut down it only notes that (callers
+  // may hold mutex_); FailIfReactorGone(), called without mutex_, then fails the stream.
   void PostToReactor(std::function<void(StreamImpl&)> action);
+  void FailIfReactorGone();
   // Called with mutex_ held: sends what credit allows, and the close once writes are drained.
   // Returns the write promises to complete after the lock is released.
   std::vector<Promise<Empty>> PumpWritesLocked();
@@ -78,6 +82,7 @@ class StreamImpl : public Stream, public std::enable_shared_from_this<StreamImpl
   void NoteConsumedLocked();
 
   mutable std::mutex mutex_;
+  std::atomic<bool> reactor_gone_{false};
   std::deque<Message> inbox_;
   std::deque<Promise<std::optional<Message>>> pending_reads_;
   // Once set, reads return it after the inbox is drained (OK reads as end of stream).
