@@ -496,12 +496,7 @@ TEST(AllReduce, MalformedPartsExcludeOnlyTheirSender) {
   }
 }
 
-// Sanitizer builds run several times slower; timeouts that decide liveness scale with them.
-#if defined(__SANITIZE_ADDRESS__)
-constexpr int kSlowdown = 3;
-#else
-constexpr int kSlowdown = 1;
-#endif
+using test::kSlowdown;
 
 // ---- chaos: one node shut down at a seeded random point of the round ----
 

@@ -53,6 +53,13 @@ using net::Payload;
 using net::PeerAddress;
 using Clock = std::chrono::steady_clock;
 
+// Sanitizer builds run several times slower; timeouts that decide liveness in a test scale by this.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr int kSlowdown = 3;
+#else
+constexpr int kSlowdown = 1;
+#endif
+
 // How long a test waits for something that should happen "at once" before it calls it a failure.
 constexpr Milliseconds kPromptly{5000};
 
