@@ -26,6 +26,10 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
+        # torch loads every `torch.backends` entry point on import, ours included: an earlier
+        # install whose tree is gone would make `import torch` fail here, and block the reinstall
+        # that repairs it.
+        os.environ["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
         try:
             import torch.utils
         except ImportError as error:
