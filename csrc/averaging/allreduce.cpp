@@ -12,8 +12,11 @@
 #include <optional>
 #include <set>
 #include <thread>
+#include <tuple>
 #include <utility>
 
+#include "averaging/buffer_pool.h"
+#include "averaging/reduce_kernels.h"
 #include "common/logging.h"
 #include "proto/averaging.pb.h"
 
@@ -44,14 +47,8 @@ const float* FloatsOf(const Payload& payload, std::vector<float>& scratch) {
   return scratch.data();
 }
 
-bool AllFinite(const Payload& payload) {
-  std::vector<float> scratch;
-  const float* values = FloatsOf(payload, scratch);
-  size_t count = payload.size() / sizeof(float);
-  for (size_t i = 0; i < count; ++i) {
-    if (!std::isfinite(values[i])) return false;
-  }
-  return true;
+bool PayloadFinite(const Payload& payload) {
+  return AllFinite(payload.data(), payload.size() / sizeof(float));
 }
 
 Status Refused(const std::string& why) { return Status(StatusCode::kFailedPrecondition, why); }
@@ -166,10 +163,16 @@ class Round;
 
 class AllReduceService::Impl : public std::enable_shared_from_this<AllReduceService::Impl> {
  public:
-  Impl(net::Node& node, AllReduceServiceOptions options) : node(node), options(options) {}
+  Impl(net::Node& node, AllReduceServiceOptions options)
+      : node(node), options(options), pool(BufferPool::Create(4, options.pooled_bytes)) {}
 
   Status Serve(const net::CallContext& context, Stream& stream, wire::Kind expected);
   Status Register(const std::shared_ptr<Round>& round);
+  // Releases the rounds past their grace period or beyond grace_bytes (and their buffers).
+  void Sweep() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    SweepLocked();
+  }
   std::shared_ptr<Round> WaitForRound(const std::string& id, Clock::time_point deadline);
   void Spawn(std::function<void()> task);
   void Stop();
@@ -178,6 +181,7 @@ class AllReduceService::Impl : public std::enable_shared_from_this<AllReduceServ
 
   net::Node& node;
   const AllReduceServiceOptions options;
+  const std::shared_ptr<BufferPool> pool;
 
  private:
   void SweepLocked();
@@ -185,6 +189,8 @@ class AllReduceService::Impl : public std::enable_shared_from_this<AllReduceServ
   std::mutex mutex_;
   std::condition_variable registered_;
   std::map<std::string, std::shared_ptr<Round>> rounds_;
+  // Rounds released before their grace period ended, with when: refused at once, not waited for.
+  std::map<std::string, Clock::time_point> released_;
   bool stopping_ = false;
 
   struct Worker {
@@ -322,7 +328,14 @@ class Round : public std::enable_shared_from_this<Round> {
   const double weight_;
   const std::vector<int> reducer_order_;
   Clock::time_point start_, deadline_;
+  // A private copy of the caller's vector, from the service's pool; released once every part is
+  // final (nothing reads it then) unless the round failed.
   std::shared_ptr<const std::vector<float>> input_;
+  // The results of this member's own share, written in place by Compute, and a copy of the
+  // results received from others (both pooled; contributors only).
+  std::shared_ptr<std::vector<float>> share_results_;
+  std::shared_ptr<std::vector<float>> results_;
+  size_t retained_bytes_ = 0;  // what the finished round holds during its grace period
 
   std::mutex mutex_;
   std::condition_variable cv_;
@@ -387,7 +400,7 @@ Status Round::CheckResult(const wire::AveragingHeader& header, const Message& me
     previous = c;
   }
   if (header.contributors_size() == 0) return Malformed("a result without contributors");
-  if (!AllFinite(message.payloads[0])) {
+  if (!PayloadFinite(message.payloads[0])) {
     return Malformed("part " + std::to_string(header.part()) + " has non-finite values");
   }
   return Status::Ok();
@@ -419,7 +432,7 @@ Entry Round::LocalEntryLocked(size_t part) const {
     entry.values = view_[part].values;
     entry.contributors = view_[part].contributors;
     entry.reduced_by = view_[part].reduced_by;
-  } else if (contributes_) {
+  } else if (contributes_ && input_) {
     const Part& span = partition_.parts()[part];
     entry.kind = EntryKind::kContribution;
     entry.values = Payload(input_->data() + span.begin, span.size * sizeof(float), input_);
@@ -469,24 +482,27 @@ Computed Round::Compute(const Reduction& reduction, size_t k,
     }
   }
   const Part& part = partition_.parts()[reduction.first_part + k];
-  // Double accumulation in member order: the result does not depend on arrival order.
-  std::vector<double> sum(part.size, 0.0);
-  double total_weight = 0;
-  std::vector<float> scratch;
+  std::vector<const float*> inputs;
+  std::vector<double> weights;
+  std::vector<std::vector<float>> scratch(n_);
   for (int m = 0; m < n_; ++m) {
     const Entry& entry = entries[m];
     if (entry.kind != EntryKind::kContribution) continue;
-    const float* x = FloatsOf(entry.values, scratch);
-    double w = entry.weight;
-    for (size_t i = 0; i < part.size; ++i) sum[i] += w * static_cast<double>(x[i]);
-    total_weight += w;
+    inputs.push_back(FloatsOf(entry.values, scratch[m]));
+    weights.push_back(entry.weight);
     out.contributors.push_back(m);
   }
-  out.values = Payload::Allocate(part.size * sizeof(float));
-  float* result = reinterpret_cast<float*>(out.values.mutable_data());
-  for (size_t i = 0; i < part.size; ++i) {
-    result[i] = total_weight > 0 ? static_cast<float>(sum[i] / total_weight) : 0.0f;
+  // My own share's results go to the round's pooled buffer; a backup's to a fresh one.
+  if (reduction.position == 0 && reduction.share == me_ && share_results_) {
+    size_t offset = part.begin - partition_.parts()[reduction.first_part].begin;
+    out.values =
+        Payload(share_results_->data() + offset, part.size * sizeof(float), share_results_);
+  } else {
+    out.values = Payload::Allocate(part.size * sizeof(float));
   }
+  // In member order: the value does not depend on arrival order.
+  WeightedMean(inputs.data(), weights.data(), inputs.size(), part.size,
+               reinterpret_cast<float*>(out.values.mutable_data()));
   out.reduced_by = me_;
   return out;
 }
@@ -598,6 +614,14 @@ void Round::ApplyResultLocked(int share, size_t position, const wire::AveragingH
   PartView& view = view_[header.part()];
   if (owner_pos_[share] != position || view.final) return;
   view.final = true;
+  if (results_) {
+    // Copied into the round's pooled buffer, so the transport's buffer is freed now: received
+    // buffers held through the grace period made the allocator map and unmap fresh memory
+    // every round (a third of a 64 MiB round).
+    float* target = results_->data() + partition_.parts()[header.part()].begin;
+    std::memcpy(target, values.data(), values.size());
+    values = Payload(target, values.size(), results_);
+  }
   view.values = std::move(values);
   view.contributors.assign(header.contributors().begin(), header.contributors().end());
   view.reduced_by = static_cast<int>(header.reduced_by());
@@ -891,7 +915,7 @@ Status Round::HandleForward(Reduction& reduction, int member, const Message& mes
       if (message.payloads.size() != 1 || message.payloads[0].size() != part.size * sizeof(float)) {
         return Malformed("forwarded part has the wrong size");
       }
-      if (!AllFinite(message.payloads[0])) return Malformed("forwarded part is not finite");
+      if (!PayloadFinite(message.payloads[0])) return Malformed("forwarded part is not finite");
       entry.kind = EntryKind::kContribution;
       entry.values = message.payloads[0];
       entry.weight = w;
@@ -1034,7 +1058,7 @@ Status Round::ServeSender(const net::CallContext& context, Stream& stream,
             status =
                 Malformed("part " + std::to_string(header.part()) + " must be one payload of " +
                           std::to_string(part.size * sizeof(float)) + " bytes");
-          } else if (!AllFinite(message.payloads[0])) {
+          } else if (!PayloadFinite(message.payloads[0])) {
             status = Malformed("part " + std::to_string(header.part()) + " has non-finite values");
           }
         }
@@ -1325,7 +1349,21 @@ void Round::OpenSenderStream(int share, const std::shared_ptr<Channel>& channel)
 Result<AllReduceReport> Round::Run(std::vector<float>& data) {
   auto service = service_.lock();
   if (!service) return Status(StatusCode::kCancelled, "the averaging service stopped");
-  input_ = std::make_shared<const std::vector<float>>(data);
+  {
+    service->Sweep();  // the buffers of released rounds go back to the pool first
+    std::shared_ptr<std::vector<float>> input = service->pool->Take(data.size());
+    if (!CopyFinite(data.data(), data.size(), input->data()) && contributes_) {
+      return Status(StatusCode::kInvalidArgument, "the local vector has non-finite values");
+    }
+    input_ = std::move(input);
+    size_t share_elements = 0;
+    size_t first = partition_.first_part(me_);
+    for (size_t p = first; p < first + partition_.num_parts(me_); ++p) {
+      share_elements += partition_.parts()[p].size;
+    }
+    if (share_elements > 0) share_results_ = service->pool->Take(share_elements);
+    if (contributes_) results_ = service->pool->Take(data.size());
+  }
   {
     std::unique_lock<std::mutex> lock(mutex_);
     if (partition_.num_parts(me_) > 0) {
@@ -1467,7 +1505,10 @@ Result<AllReduceReport> Round::Run(std::vector<float>& data) {
   if (stopping_ && !fatal_ && !DoneLocked()) {
     fatal_ = Status(StatusCode::kCancelled, "the averaging service stopped");
   }
+  const size_t vector_bytes = partition_.total_elements() * sizeof(float);
   if (fatal_) {
+    // The input stays: a backup may still collect this member's contribution.
+    retained_bytes_ = 2 * vector_bytes;
     Status status = *fatal_;
     auto channels = sender_channels_;
     lock.unlock();
@@ -1475,6 +1516,10 @@ Result<AllReduceReport> Round::Run(std::vector<float>& data) {
     for (auto& [share, channel] : channels) channel->stream->Cancel();
     return status;
   }
+  // Every part is final now, so collects are answered from the results; the input can go back
+  // to the pool as soon as the transport has sent it.
+  input_.reset();
+  retained_bytes_ = vector_bytes;
   AllReduceReport report;
   report.failed_members.assign(failed_.begin(), failed_.end());
   report.failures = failures_;
@@ -1498,13 +1543,30 @@ Result<AllReduceReport> Round::Run(std::vector<float>& data) {
 
 void AllReduceService::Impl::SweepLocked() {
   auto now = Clock::now();
+  for (auto it = released_.begin(); it != released_.end();) {
+    it = now >= it->second + options.grace_period ? released_.erase(it) : std::next(it);
+  }
+  // Finished rounds, oldest first, with what they hold.
+  std::vector<std::tuple<Clock::time_point, size_t, std::string>> finished;
+  size_t held = 0;
   for (auto it = rounds_.begin(); it != rounds_.end();) {
     std::lock_guard<std::mutex> round_lock(it->second->mutex_);
     if (it->second->ExpiredLocked(now, options.grace_period)) {
       it = rounds_.erase(it);
-    } else {
-      ++it;
+      continue;
     }
+    if (it->second->finished_) {
+      finished.emplace_back(it->second->finished_at_, it->second->retained_bytes_, it->first);
+      held += it->second->retained_bytes_;
+    }
+    ++it;
+  }
+  std::sort(finished.begin(), finished.end());
+  for (size_t i = 0; i + 1 < finished.size() && held > options.grace_bytes; ++i) {
+    const auto& [at, bytes, id] = finished[i];
+    rounds_.erase(id);
+    released_[id] = now;
+    held -= bytes;
   }
 }
 
@@ -1512,7 +1574,7 @@ Status AllReduceService::Impl::Register(const std::shared_ptr<Round>& round) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (stopping_) return Status(StatusCode::kCancelled, "the averaging service stopped");
   SweepLocked();
-  if (!rounds_.emplace(round->id(), round).second) {
+  if (released_.count(round->id()) != 0 || !rounds_.emplace(round->id(), round).second) {
     return Status(StatusCode::kFailedPrecondition,
                   "a round with this group id is already running or recently finished");
   }
@@ -1527,7 +1589,7 @@ std::shared_ptr<Round> AllReduceService::Impl::WaitForRound(const std::string& i
   registered_.wait_until(lock, deadline, [&] {
     auto it = rounds_.find(id);
     if (it != rounds_.end()) round = it->second;
-    return round != nullptr || stopping_;
+    return round != nullptr || stopping_ || released_.count(id) != 0;
   });
   return stopping_ ? nullptr : round;
 }
@@ -1638,13 +1700,6 @@ Result<AllReduceReport> AllReduceService::AllReduce(const Group& group, std::vec
   if (contributes && (!std::isfinite(weight) || weight <= 0 || weight > options.max_weight)) {
     return Status(StatusCode::kInvalidArgument,
                   "weight " + std::to_string(weight) + " is not in (0, max_weight]");
-  }
-  if (contributes) {
-    for (float x : data) {
-      if (!std::isfinite(x)) {
-        return Status(StatusCode::kInvalidArgument, "the local vector has non-finite values");
-      }
-    }
   }
   if (options.timeout.count() <= 0 || options.sender_timeout.count() <= 0 ||
       options.reducer_timeout.count() <= 0) {

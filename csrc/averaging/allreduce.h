@@ -72,6 +72,12 @@ struct AllReduceServiceOptions {
   // the share of a reducer that died after this peer got its result. Should be >= the timeout
   // of the rounds.
   std::chrono::milliseconds grace_period{60000};
+  // ... but finished rounds hold their results (the size of the vector each), so beyond this many
+  // bytes the oldest are released early (the newest one is always kept). A backup that asks a
+  // released round is refused at once; it then reduces without that member's result.
+  size_t grace_bytes = size_t{512} << 20;
+  // Idle buffers kept for the next rounds' input copies and reduced shares (at most 4 buffers).
+  size_t pooled_bytes = size_t{1} << 30;
 };
 
 // Serves the reducer side of every round on `node` and runs rounds. Several rounds (different

@@ -317,6 +317,39 @@ TEST(AllReduce, ConcurrentRoundsOnTheSameNodes) {
   EXPECT_EQ(reused.status().code(), StatusCode::kFailedPrecondition);
 }
 
+// Finished rounds hold their results for takeovers; past grace_bytes the oldest are released (the
+// newest is always kept), and the id of a released round stays refused.
+TEST(AllReduce, FinishedRoundsBeyondGraceBytesAreReleasedOldestFirst) {
+  std::vector<MemberMode> modes(2, MemberMode::kNormal);
+  std::vector<Peer> peers;
+  for (size_t i = 0; i < modes.size(); ++i) {
+    Peer peer;
+    peer.node = test::StartNode(Options(false));
+    ASSERT_NE(peer.node, nullptr);
+    AllReduceServiceOptions options = ServiceOptions();
+    options.grace_bytes = 1;
+    peer.service = std::make_unique<AllReduceService>(*peer.node, options);
+    peers.push_back(std::move(peer));
+  }
+  std::mt19937 rng(12);
+  std::vector<float> weights = {1, 3};
+  for (const char* id : {"first", "second", "third"}) {
+    auto inputs = RandomInputs(2, 1000, rng);
+    Group group = MakeGroup(peers, modes, id);
+    auto outcome =
+        RunRound(peers, group, inputs, weights, std::vector<AllReduceOptions>(2, FastOptions(40)));
+    ExpectConsistentMeans(group, outcome, inputs, weights, AllIndices(2));
+  }
+  for (const char* id : {"first", "second", "third"}) {
+    Group again = MakeGroup(peers, modes, id);
+    again.my_index = 0;
+    std::vector<float> data(1000, 1.0f);
+    auto reused = peers[0].service->AllReduce(again, data, 1.0f, FastOptions(40));
+    EXPECT_EQ(reused.status().code(), StatusCode::kFailedPrecondition) << id;
+    EXPECT_EQ(data, std::vector<float>(1000, 1.0f));
+  }
+}
+
 TEST(AllReduce, RefusesBadLocalArguments) {
   std::vector<MemberMode> modes(2, MemberMode::kNormal);
   auto peers = StartPeers(modes);

@@ -1,0 +1,71 @@
+// The numeric kernels of a round against plain loops: odd sizes, unaligned data, every position
+// of a non-finite value.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "averaging/reduce_kernels.h"
+
+namespace hivemind::averaging {
+namespace {
+
+std::vector<float> Random(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  std::vector<float> values(n);
+  for (float& v : values) v = normal(rng);
+  return values;
+}
+
+TEST(ReduceKernels, WeightedMeanMatchesADoubleLoopBitForBit) {
+  for (size_t n : {0u, 1u, 7u, 2047u, 2048u, 2049u, 10000u}) {
+    std::vector<std::vector<float>> inputs = {Random(n, 1), Random(n, 2), Random(n, 3)};
+    std::vector<double> weights = {1.0, 0.5, 3.25};
+    std::vector<const float*> pointers = {inputs[0].data(), inputs[1].data(), inputs[2].data()};
+    std::vector<float> out(n, -1.0f);
+    WeightedMean(pointers.data(), weights.data(), 3, n, out.data());
+    for (size_t i = 0; i < n; ++i) {
+      double sum = 0;
+      for (int k = 0; k < 3; ++k) sum += weights[k] * static_cast<double>(inputs[k][i]);
+      ASSERT_EQ(out[i], static_cast<float>(sum / 4.75)) << "n=" << n << " i=" << i;
+    }
+  }
+}
+
+TEST(ReduceKernels, WeightedMeanOfNothingIsZero) {
+  std::vector<float> out(5, 7.0f);
+  WeightedMean(nullptr, nullptr, 0, out.size(), out.data());
+  EXPECT_EQ(out, std::vector<float>(5, 0.0f));
+}
+
+TEST(ReduceKernels, EveryPositionOfANonFiniteValueIsFoundEvenUnaligned) {
+  const size_t n = 4099;
+  std::vector<float> values = Random(n, 4);
+  EXPECT_TRUE(AllFinite(values.data(), n));
+  // One byte of offset: the kernels must not assume alignment.
+  std::vector<uint8_t> bytes(n * sizeof(float) + 1);
+  for (float bad : {std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                    std::numeric_limits<float>::quiet_NaN()}) {
+    for (size_t at : {size_t{0}, size_t{1}, size_t{2047}, size_t{2048}, n - 1}) {
+      std::vector<float> copy = values;
+      copy[at] = bad;
+      ASSERT_FALSE(AllFinite(copy.data(), n)) << at;
+      std::memcpy(bytes.data() + 1, copy.data(), n * sizeof(float));
+      ASSERT_FALSE(AllFinite(bytes.data() + 1, n)) << at;
+      std::vector<float> out(n);
+      ASSERT_FALSE(CopyFinite(copy.data(), n, out.data())) << at;
+    }
+  }
+  float largest = std::numeric_limits<float>::max();
+  EXPECT_TRUE(AllFinite(&largest, 1));
+  std::vector<float> out(n);
+  EXPECT_TRUE(CopyFinite(values.data(), n, out.data()));
+  EXPECT_EQ(out, values);
+}
+
+}  // namespace
+}  // namespace hivemind::averaging
