@@ -153,6 +153,8 @@ struct PartView {
 struct Computed {
   size_t k = 0;
   Payload values;
+  std::vector<Payload> wire;  // what a RESULT carries
+  bool raw = false;           // wire is `values` itself, not the round's encoding
   std::vector<int> contributors;
   int reduced_by = -1;
 };
@@ -207,7 +209,7 @@ class AllReduceService::Impl : public std::enable_shared_from_this<AllReduceServ
 // as any thread still uses it.
 class Round : public std::enable_shared_from_this<Round> {
  public:
-  Round(AllReduceService::Impl& service, const Group& group, Partition partition,
+  Round(AllReduceService::Impl& service, const Group& group, Partition partition, PartCodec codec,
         const AllReduceOptions& options, double weight)
       : service_(service.weak_from_this()),
         node_(service.node),
@@ -215,6 +217,7 @@ class Round : public std::enable_shared_from_this<Round> {
                  service.Method("ping")},
         group_(group),
         partition_(std::move(partition)),
+        codec_(std::move(codec)),
         options_(options),
         digest_(group.Digest()),
         me_(group.my_index),
@@ -290,9 +293,12 @@ class Round : public std::enable_shared_from_this<Round> {
     return own == reductions_.end() || own->second->finished() || owner_pos_[me_] != 0;
   }
   Status CheckHeader(const wire::AveragingHeader& header, const Stream& stream) const;
-  Status CheckResult(const wire::AveragingHeader& header, const Message& message, int share) const;
-  void ApplyResultLocked(int share, size_t position, const wire::AveragingHeader& header,
-                         Payload values);
+  // The header of a RESULT or forwarded final part; payloads are checked where they are decoded.
+  Status CheckResult(const wire::AveragingHeader& header, int share) const;
+  // Decodes and keeps a result from the share's owner at `position`; ignores one that is stale
+  // (a later owner, or the part is already final). An error means the result was malformed.
+  Status ApplyResultLocked(int share, size_t position, const wire::AveragingHeader& header,
+                           const std::vector<Payload>& payloads);
   void OwnerFailedLocked(int share, size_t position, const std::string& why, bool dead = false);
   void StartTakeoverLocked(int share, size_t position);
   void RunTakeover(std::shared_ptr<Reduction> reduction);
@@ -320,6 +326,7 @@ class Round : public std::enable_shared_from_this<Round> {
   std::vector<int> probes_due_;  // senders to ping once the lock is released
   const Group group_;
   const Partition partition_;
+  const PartCodec codec_;
   const AllReduceOptions options_;
   const std::string digest_;
   const int me_;
@@ -376,17 +383,11 @@ Status Round::CheckHeader(const wire::AveragingHeader& header, const Stream& str
   return Status::Ok();
 }
 
-Status Round::CheckResult(const wire::AveragingHeader& header, const Message& message,
-                          int share) const {
+Status Round::CheckResult(const wire::AveragingHeader& header, int share) const {
   size_t first = partition_.first_part(share);
   if (header.part() < first || header.part() >= first + partition_.num_parts(share)) {
     return Malformed("part " + std::to_string(header.part()) + " is not in the share of " +
                      Name(share));
-  }
-  const Part& part = partition_.parts()[header.part()];
-  if (message.payloads.size() != 1 || message.payloads[0].size() != part.size * sizeof(float)) {
-    return Malformed("part " + std::to_string(header.part()) + " must be one payload of " +
-                     std::to_string(part.size * sizeof(float)) + " bytes");
   }
   if (header.reduced_by() >= static_cast<uint32_t>(n_)) return Malformed("bad reduced_by");
   if (header.contributors_size() > n_) return Malformed("too many contributors");
@@ -400,9 +401,6 @@ Status Round::CheckResult(const wire::AveragingHeader& header, const Message& me
     previous = c;
   }
   if (header.contributors_size() == 0) return Malformed("a result without contributors");
-  if (!PayloadFinite(message.payloads[0])) {
-    return Malformed("part " + std::to_string(header.part()) + " has non-finite values");
-  }
   return Status::Ok();
 }
 
@@ -475,7 +473,10 @@ Computed Round::Compute(const Reduction& reduction, size_t k,
   out.k = k;
   for (const Entry& entry : entries) {
     if (entry.kind == EntryKind::kFinal) {
+      // Adopted as it is: re-encoding with a lossy codec could change it.
       out.values = entry.values;
+      out.wire = {entry.values};
+      out.raw = true;
       out.contributors = entry.contributors;
       out.reduced_by = entry.reduced_by;
       return out;
@@ -501,9 +502,26 @@ Computed Round::Compute(const Reduction& reduction, size_t k,
     out.values = Payload::Allocate(part.size * sizeof(float));
   }
   // In member order: the value does not depend on arrival order.
-  WeightedMean(inputs.data(), weights.data(), inputs.size(), part.size,
-               reinterpret_cast<float*>(out.values.mutable_data()));
+  float* result = reinterpret_cast<float*>(out.values.mutable_data());
+  WeightedMean(inputs.data(), weights.data(), inputs.size(), part.size, result);
   out.reduced_by = me_;
+  if (codec_.lossless()) {
+    out.wire = {out.values};
+    return out;
+  }
+  // Every member gets the decoded result; so does this one, or it would differ from them.
+  auto encoded = codec_.Encode(out.values, part.begin);
+  Status decoded =
+      encoded.ok() ? codec_.DecodeInto(*encoded, part.begin, part.size, result) : encoded.status();
+  if (!decoded.ok()) {
+    // The codecs encode every finite float32; a failure here is a bug, not a peer's fault.
+    HM_LOG(kError) << "part " << reduction.first_part + k
+                   << " could not be encoded, sent raw: " << decoded.ToString();
+    out.wire = {out.values};
+    out.raw = true;
+    return out;
+  }
+  out.wire = std::move(encoded).value();
   return out;
 }
 
@@ -560,7 +578,8 @@ void Round::Pump(std::unique_lock<std::mutex>& lock, Reduction& reduction) {
       header.set_part(static_cast<uint32_t>(part));
       header.set_reduced_by(static_cast<uint32_t>(result.reduced_by));
       for (int c : result.contributors) header.add_contributors(static_cast<uint32_t>(c));
-      Message message = Encode(header, {result.values});
+      header.set_raw(result.raw);
+      Message message = Encode(header, result.wire);
       for (auto& [member, sink] : reduction.sinks) {
         if (!reduction.sources[member].excluded) sink->outbox.push_back(message);
       }
@@ -609,24 +628,28 @@ void Round::ArmRead(const std::shared_ptr<Channel>& channel) {
 // ---------------------------------------------------------------------------------------------
 // Member side: results, reducer failures, takeovers
 
-void Round::ApplyResultLocked(int share, size_t position, const wire::AveragingHeader& header,
-                              Payload values) {
+Status Round::ApplyResultLocked(int share, size_t position, const wire::AveragingHeader& header,
+                                const std::vector<Payload>& payloads) {
   PartView& view = view_[header.part()];
-  if (owner_pos_[share] != position || view.final) return;
+  if (owner_pos_[share] != position || view.final) return Status::Ok();
+  const Part& part = partition_.parts()[header.part()];
+  // Decoded into the round's pooled buffer, so the transport's buffer is freed now: received
+  // buffers held through the grace period made the allocator map and unmap fresh memory every
+  // round (a third of a 64 MiB round).
+  Payload values = results_
+                       ? Payload(results_->data() + part.begin, part.size * sizeof(float), results_)
+                       : Payload::Allocate(part.size * sizeof(float));
+  float* target = reinterpret_cast<float*>(values.mutable_data());
+  Status decoded = header.raw() ? PartCodec().DecodeInto(payloads, part.begin, part.size, target)
+                                : codec_.DecodeInto(payloads, part.begin, part.size, target);
+  if (!decoded.ok()) return decoded;
   view.final = true;
-  if (results_) {
-    // Copied into the round's pooled buffer, so the transport's buffer is freed now: received
-    // buffers held through the grace period made the allocator map and unmap fresh memory
-    // every round (a third of a 64 MiB round).
-    float* target = results_->data() + partition_.parts()[header.part()].begin;
-    std::memcpy(target, values.data(), values.size());
-    values = Payload(target, values.size(), results_);
-  }
   view.values = std::move(values);
   view.contributors.assign(header.contributors().begin(), header.contributors().end());
   view.reduced_by = static_cast<int>(header.reduced_by());
   progress_[share] = Clock::now();
   cv_.notify_all();
+  return Status::Ok();
 }
 
 void Round::OwnerFailedLocked(int share, size_t position, const std::string& why, bool dead) {
@@ -897,10 +920,13 @@ Status Round::HandleForward(Reduction& reduction, int member, const Message& mes
   Entry entry;
   switch (header.state()) {
     case wire::PART_FINAL: {
-      Status ok = CheckResult(header, message, reduction.share);
+      // Forwarded as the member holds it: decoded float32.
+      Status ok = CheckResult(header, reduction.share);
       if (!ok.ok()) return ok;
+      auto values = PartCodec().Decode(message.payloads, part.begin, part.size);
+      if (!values.ok()) return values.status();
       entry.kind = EntryKind::kFinal;
-      entry.values = message.payloads[0];
+      entry.values = std::move(values).value();
       entry.contributors.assign(header.contributors().begin(), header.contributors().end());
       entry.reduced_by = static_cast<int>(header.reduced_by());
       break;
@@ -958,6 +984,9 @@ Status Round::ServeSender(const net::CallContext& context, Stream& stream,
   if (!std::isfinite(w) || w <= 0 || w > options_.max_weight) {
     return Malformed("weight " + std::to_string(w) + " is not in (0, " +
                      std::to_string(options_.max_weight) + "]");
+  }
+  if (open.codec_digest() != codec_.digest()) {
+    return Malformed(Name(m) + " compresses other ranges of the vector, or with other codecs");
   }
   auto channel = std::make_shared<Channel>();
   channel->stream = &stream;
@@ -1046,6 +1075,7 @@ Status Round::ServeSender(const net::CallContext& context, Stream& stream,
       } else {
         const Message& message = **read;
         wire::AveragingHeader header;
+        Payload values;
         if (!header.ParseFromString(message.header) || header.kind() != wire::PART) {
           status = Malformed("expected a PART message");
         } else if (header.part() < first || header.part() >= first + parts) {
@@ -1053,13 +1083,12 @@ Status Round::ServeSender(const net::CallContext& context, Stream& stream,
                              " is not in this reducer's share");
         } else {
           const Part& part = partition_.parts()[header.part()];
-          if (message.payloads.size() != 1 ||
-              message.payloads[0].size() != part.size * sizeof(float)) {
-            status =
-                Malformed("part " + std::to_string(header.part()) + " must be one payload of " +
-                          std::to_string(part.size * sizeof(float)) + " bytes");
-          } else if (!PayloadFinite(message.payloads[0])) {
-            status = Malformed("part " + std::to_string(header.part()) + " has non-finite values");
+          auto decoded = codec_.Decode(message.payloads, part.begin, part.size);
+          if (decoded.ok()) {
+            values = std::move(decoded).value();
+          } else {
+            status = Malformed("part " + std::to_string(header.part()) + ": " +
+                               decoded.status().message());
           }
         }
         if (status.ok()) {
@@ -1078,7 +1107,7 @@ Status Round::ServeSender(const net::CallContext& context, Stream& stream,
           } else {
             Entry entry;
             entry.kind = EntryKind::kContribution;
-            entry.values = message.payloads[0];
+            entry.values = std::move(values);
             entry.weight = source.weight;
             DeliverLocked(*reduction, m, k, std::move(entry));
             Pump(lock, *reduction);
@@ -1185,13 +1214,15 @@ Status Round::ServeCollect(const net::CallContext& context, Stream& stream,
     } else if (!header.ParseFromString((*read)->header) || header.kind() != wire::RESULT) {
       status = Malformed("expected a RESULT message");
     } else {
-      status = CheckResult(header, **read, share);
+      status = CheckResult(header, share);
+    }
+    if (status.ok()) {
+      lock.lock();
+      status = ApplyResultLocked(share, position, header, (*read)->payloads);
+      lock.unlock();
     }
     if (status.ok()) {
       ++channel->received;
-      lock.lock();
-      ApplyResultLocked(share, position, header, (*read)->payloads[0]);
-      lock.unlock();
       Notify(RoundEvent::kResultReceived, header.part());
       ArmRead(channel);
       lock.lock();
@@ -1324,6 +1355,7 @@ void Round::OpenSenderStream(int share, const std::shared_ptr<Channel>& channel)
   open.set_weight(weight_);
   open.set_total_elements(partition_.total_elements());
   open.set_part_elements(partition_.part_elements());
+  open.set_codec_digest(codec_.digest());
   Millis left = std::max(Millis(1), std::chrono::duration_cast<Millis>(deadline_ - Clock::now()));
   ++channel->attempts;
   channel->owned =
@@ -1338,8 +1370,15 @@ void Round::OpenSenderStream(int share, const std::shared_ptr<Channel>& channel)
     wire::AveragingHeader header;
     header.set_kind(wire::PART);
     header.set_part(static_cast<uint32_t>(p));
-    channel->stream->Write(
-        Encode(header, {Payload(input_->data() + part.begin, part.size * sizeof(float), input_)}));
+    Payload values(input_->data() + part.begin, part.size * sizeof(float), input_);
+    auto encoded = codec_.Encode(values, part.begin);
+    if (!encoded.ok()) {
+      // The codecs encode every finite float32 (the input was checked); should this ever fail,
+      // the part goes raw and the reducer refuses it, which fails this round with a clear error.
+      HM_LOG(kError) << "part " << p << " could not be encoded: " << encoded.status().ToString();
+      encoded = std::vector<Payload>{values};
+    }
+    channel->stream->Write(Encode(header, std::move(encoded).value()));
     if (channel->attempts == 1) Notify(RoundEvent::kPartSent, p);
   }
   channel->stream->CloseWrite();
@@ -1483,16 +1522,16 @@ Result<AllReduceReport> Round::Run(std::vector<float>& data) {
       if (!header.ParseFromString((*read)->header) || header.kind() != wire::RESULT) {
         status = Malformed("expected a RESULT message");
       } else {
-        status = CheckResult(header, **read, share);
+        status = CheckResult(header, share);
       }
       lock.lock();
+      if (status.ok()) status = ApplyResultLocked(share, 0, header, (*read)->payloads);
       if (!status.ok()) {
         OwnerFailedLocked(share, 0, "sent an invalid result: " + status.ToString());
         lock.unlock();
         channel->stream->Cancel();
         continue;
       }
-      ApplyResultLocked(share, 0, header, (*read)->payloads[0]);
       lock.unlock();
       Notify(RoundEvent::kResultReceived, header.part());
       ArmRead(channel);
@@ -1707,8 +1746,11 @@ Result<AllReduceReport> AllReduceService::AllReduce(const Group& group, std::vec
   }
   auto partition = Partition::Make(group, data.size(), options.part_elements);
   if (!partition.ok()) return partition.status();
-  auto round = std::make_shared<Round>(*impl_, group, std::move(partition).value(), options,
-                                       contributes ? weight : 0.0);
+  auto codec = PartCodec::Make(options.codecs, data.size());
+  if (!codec.ok()) return codec.status();
+  auto round =
+      std::make_shared<Round>(*impl_, group, std::move(partition).value(), std::move(codec).value(),
+                              options, contributes ? weight : 0.0);
   return round->Run(data);
 }
 

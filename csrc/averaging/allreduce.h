@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "averaging/group.h"
+#include "averaging/part_codec.h"
 #include "averaging/partition.h"
 #include "common/status.h"
 #include "net/node.h"
@@ -43,6 +44,11 @@ struct AllReduceOptions {
   size_t part_elements = kDefaultPartElements;
   // Weights above this (or non-finite, or <= 0) are refused, locally and from the wire.
   double max_weight = 1e9;
+  // Ranges of the vector sent compressed (parts and results), sorted and disjoint; the rest
+  // travels as raw float32. Every member must pass the same ranges. With a lossy codec the mean
+  // is computed from the decoded contributions (a reducer's own contribution is exact) and every
+  // member, the reducer included, ends with the decoded result, so results stay identical.
+  std::vector<CodecRange> codecs;
   // Test hook: called (from any thread, without locks held) at the points above. Must not block.
   std::function<void(RoundEvent, size_t part)> observer;
 };

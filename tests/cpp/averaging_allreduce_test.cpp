@@ -317,6 +317,74 @@ TEST(AllReduce, ConcurrentRoundsOnTheSameNodes) {
   EXPECT_EQ(reused.status().code(), StatusCode::kFailedPrecondition);
 }
 
+// Compressed ranges (crossing part boundaries): members end bitwise identical, raw elements are
+// exact, coded ones within their codec's error, and the codec really ran.
+TEST(AllReduce, CompressedRangesKeepMembersIdenticalAndNearTheMean) {
+  std::vector<MemberMode> modes(4, MemberMode::kNormal);
+  auto peers = StartPeers(modes);
+  ASSERT_EQ(peers.size(), 4u);
+  std::mt19937 rng(21);
+  const size_t size = 3000;
+  auto inputs = RandomInputs(4, size, rng);  // uniform in [-10, 10]
+  std::vector<float> weights = {1, 2, 3, 4};
+  AllReduceOptions options = FastOptions(256);
+  options.codecs = {{100, 1000, CodecSpec::Float16()},
+                    {1100, 900, CodecSpec::Blockwise8(256)},
+                    {2500, 300, CodecSpec::Uniform8()}};
+  Group group = MakeGroup(peers, modes, "compressed");
+  auto outcome = RunRound(peers, group, inputs, weights, std::vector<AllReduceOptions>(4, options));
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(outcome.results[i]->ok()) << outcome.results[i]->status().ToString();
+    EXPECT_EQ(std::memcmp(outcome.data[i].data(), outcome.data[0].data(), size * sizeof(float)), 0)
+        << "member " << i << " diverged";
+  }
+  // Worst error per range against the exact mean: [raw, fp16, blockwise 8-bit, raw, uniform 8-bit].
+  const size_t bounds[] = {0, 100, 1100, 2000, 2500, 2800, size};
+  // fp16 near 10: steps of 2^-7; uniform 8-bit: steps of 20/255; both rounded twice (parts,
+  // result).
+  const double limits[] = {1e-5, 0.01, 0.2, 1e-5, 0.1, 1e-5};
+  for (size_t r = 0; r + 1 < std::size(bounds); ++r) {
+    double worst = 0;
+    for (size_t e = bounds[r]; e < bounds[r + 1]; ++e) {
+      double sum = 0;
+      for (int c = 0; c < 4; ++c) sum += weights[c] * static_cast<double>(inputs[c][e]);
+      worst = std::max(worst, std::abs(outcome.data[0][e] - sum / 10.0));
+    }
+    EXPECT_LE(worst, limits[r]) << "elements [" << bounds[r] << ", " << bounds[r + 1] << ")";
+    if (limits[r] > 1e-3) EXPECT_GT(worst, 1e-6) << "range " << r << " was not compressed";
+  }
+}
+
+TEST(AllReduce, MembersThatCompressDifferentlyGetAClearError) {
+  std::vector<MemberMode> modes(2, MemberMode::kNormal);
+  auto peers = StartPeers(modes);
+  ASSERT_EQ(peers.size(), 2u);
+  std::mt19937 rng(22);
+  auto inputs = RandomInputs(2, 500, rng);
+  std::vector<AllReduceOptions> options(2, FastOptions(64));
+  options[1].codecs = {{0, 500, CodecSpec::Float16()}};
+  auto outcome =
+      RunRound(peers, MakeGroup(peers, modes, "mismatch"), inputs, {1.0f, 1.0f}, options);
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_FALSE(outcome.results[i]->ok()) << "member " << i;
+    EXPECT_NE(outcome.results[i]->status().message().find("compresses other ranges"),
+              std::string::npos)
+        << outcome.results[i]->status().ToString();
+    EXPECT_EQ(outcome.data[i], inputs[i]);
+  }
+  // Ranges that overlap or leave the vector are refused before anything is sent.
+  std::vector<float> data(100, 1.0f);
+  AllReduceOptions bad = FastOptions(64);
+  bad.codecs = {{0, 60, CodecSpec::Float16()}, {50, 10, CodecSpec::Uniform8()}};
+  Group group = MakeGroup(peers, modes, "bad-ranges");
+  group.my_index = 0;
+  EXPECT_EQ(peers[0].service->AllReduce(group, data, 1.0f, bad).status().code(),
+            StatusCode::kInvalidArgument);
+  bad.codecs = {{90, 20, CodecSpec::Float16()}};
+  EXPECT_EQ(peers[0].service->AllReduce(group, data, 1.0f, bad).status().code(),
+            StatusCode::kInvalidArgument);
+}
+
 // Finished rounds hold their results for takeovers; past grace_bytes the oldest are released (the
 // newest is always kept), and the id of a released round stays refused.
 TEST(AllReduce, FinishedRoundsBeyondGraceBytesAreReleasedOldestFirst) {
