@@ -15,6 +15,8 @@ import os
 from datetime import timedelta
 from typing import Any, Optional, Sequence
 
+from hivemind_backend.compression import codec_id
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -51,6 +53,9 @@ class Options:
     :param bootstrap_timeout: how long joining the DHT may take (``HIVEMIND_BOOTSTRAP_TIMEOUT``, 30).
     :param encryption: CURVE on every link (``HIVEMIND_ENCRYPTION``, default true); turn off only
       inside a trusted cluster.
+    :param compression: codec for float SUM/AVG all-reduces of tensors with at least 65536
+      elements (``HIVEMIND_COMPRESSION``, default ``none``): ``float16``, ``scaled_float16``,
+      ``uniform8``, ``quantile8`` or ``blockwise8`` (docs/compression.md). Lossy; for slow links.
     """
 
     initial_peers: Optional[Sequence[str]] = None
@@ -67,6 +72,7 @@ class Options:
     request_timeout: Optional[float] = None
     bootstrap_timeout: Optional[float] = None
     encryption: Optional[bool] = None
+    compression: Optional[str] = None
 
 
 _ENV = {
@@ -84,6 +90,7 @@ _ENV = {
     "request_timeout": "HIVEMIND_REQUEST_TIMEOUT",
     "bootstrap_timeout": "HIVEMIND_BOOTSTRAP_TIMEOUT",
     "encryption": "HIVEMIND_ENCRYPTION",
+    "compression": "HIVEMIND_COMPRESSION",
 }
 
 
@@ -162,6 +169,7 @@ def resolve_options(options: Optional[Options] = None) -> dict:
                                  lambda v, s: _number("bootstrap_timeout", v, float, 0.001, s),
                                  30.0),
         "encryption": get("encryption", lambda v, s: _flag("encryption", v, s), True),
+        "compression": get("compression", lambda v, s: codec_id(v, s), 0),
     }
 
 
@@ -183,7 +191,7 @@ def create_backend(dist_options: Any, pg_options: Optional[Options]):
     for name in ("initial_peers", "run_id", "host_maddrs", "announce_maddrs", "identity_path",
                  "min_group_size", "target_group_size", "moshpit_dims", "moshpit_period",
                  "matchmaking_time", "request_timeout",
-                 "bootstrap_timeout", "encryption"):
+                 "bootstrap_timeout", "encryption", "compression"):
         setattr(config, name, settings[name])
     # Only the default group (no explicit rank list) averages across launches; subgroups are
     # sets of this launch's ranks.

@@ -44,6 +44,7 @@ ENV_VARS = {
     "request_timeout": ("request_timeout", "HIVEMIND_REQUEST_TIMEOUT"),
     "bootstrap_timeout": ("bootstrap_timeout", "HIVEMIND_BOOTSTRAP_TIMEOUT"),
     "encryption": ("encryption", "HIVEMIND_ENCRYPTION"),
+    "compression": ("compression", "HIVEMIND_COMPRESSION"),
 }
 
 Seconds = Union[float, int, timedelta]
@@ -102,6 +103,8 @@ class HivemindStrategy(DDPStrategy):
         request_timeout: seconds, bound on each matchmaking request.
         bootstrap_timeout: seconds joining the DHT may take.
         encryption: CURVE on every link (default on); off only inside a trusted cluster.
+        compression: codec for gradient all-reduces ("float16", "blockwise8", ...; default
+            "none"), docs/compression.md.
         process_group_backend: torch.distributed backend; ``backend_name`` ("hivemind") when None.
             Another name (e.g. "gloo") runs the same strategy on that backend, for tests.
         **kwargs: everything else goes to ``DDPStrategy``: ``timeout`` (the process group's
@@ -124,6 +127,7 @@ class HivemindStrategy(DDPStrategy):
         request_timeout: Optional[Seconds] = None,
         bootstrap_timeout: Optional[Seconds] = None,
         encryption: Optional[bool] = None,
+        compression: Optional[str] = None,
         process_group_backend: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
@@ -141,6 +145,7 @@ class HivemindStrategy(DDPStrategy):
             request_timeout=request_timeout,
             bootstrap_timeout=bootstrap_timeout,
             encryption=encryption,
+            compression=compression,
         )
 
     def _export_swarm_env(self) -> None:

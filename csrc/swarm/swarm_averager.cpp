@@ -312,7 +312,8 @@ void SwarmAverager::Shrink(const std::vector<int>& keep) {
 }
 
 Result<MeanReport> SwarmAverager::Mean(std::vector<float>& data, Clock::time_point deadline,
-                                       const std::string& signature, float weight) {
+                                       const std::string& signature, float weight,
+                                       std::vector<averaging::CodecRange> codecs) {
   if (!dropped_.ok()) return dropped_;
   Status ready = EnsureGroup(deadline, signature);
   if (!ready.ok()) return ready;
@@ -337,6 +338,7 @@ Result<MeanReport> SwarmAverager::Mean(std::vector<float>& data, Clock::time_poi
     round.members.push_back(std::move(m));
   }
   averaging::AllReduceOptions options = options_.allreduce;
+  options.codecs = std::move(codecs);
   options.timeout = Left(deadline);
   options.sender_timeout = std::min(options.sender_timeout, options.timeout);
   options.reducer_timeout = std::min(options.reducer_timeout, options.timeout);

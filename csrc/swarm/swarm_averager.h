@@ -97,8 +97,10 @@ class SwarmAverager {
   // Replaces `data` by the weighted mean over the contributors. Every contributor ends with
   // bitwise identical data; on error `data` is unchanged and the next op forms a new group.
   // `signature` names the kind of op (dtype, size): regrouping waits for the anchor signature.
+  // `codecs`: ranges of `data` sent compressed (averaging::AllReduceOptions::codecs).
   Result<MeanReport> Mean(std::vector<float>& data, Clock::time_point deadline,
-                          const std::string& signature, float weight = 1.0f);
+                          const std::string& signature, float weight = 1.0f,
+                          std::vector<averaging::CodecRange> codecs = {});
 
   // Every member's `mine`, in group order (this member's own included). Any member that fails to
   // send fails the op (naming it) and the next op forms a new group.

@@ -185,9 +185,13 @@ void HivemindWork::Fail(std::exception_ptr error) {
 
 HivemindBackend::HivemindBackend(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
                                  std::chrono::milliseconds timeout, BackendConfig config)
-    : c10d::Backend(rank, size), timeout_(timeout) {
+    : c10d::Backend(rank, size),
+      timeout_(timeout),
+      compression_{static_cast<averaging::CodecId>(config.compression), 0} {
   Check(size >= 1 && rank >= 0 && rank < size,
         "rank " + std::to_string(rank) + " is not in a group of size " + std::to_string(size));
+  Status codec_ok = averaging::ValidateSpec(compression_);
+  Check(codec_ok.ok(), "compression: " + codec_ok.ToString());
   peer_ = swarm::SwarmPeer::Current();
   if (!peer_) {
     dht::DhtRunnerOptions options;
@@ -225,6 +229,9 @@ HivemindBackend::HivemindBackend(const c10::intrusive_ptr<c10d::Store>& store, i
   swarm::SwarmOptions options;
   if (config.join_swarm && !config.initial_peers.empty()) {
     options.matchmaking_key = config.run_id + "_c10d";
+    if (compression_.id != averaging::CodecId::kNone) {
+      options.matchmaking_key += std::string("_") + averaging::CodecName(compression_.id);
+    }
   }
   options.min_group_size = config.min_group_size;
   options.target_group_size = config.target_group_size;
@@ -833,11 +840,20 @@ void HivemindBackend::MeanAllReduce(std::vector<at::Tensor>& tensors, c10d::Redu
   data.reserve(data.size() + 1);
   at::Tensor flat = at::from_blob(data.data(), {total}, at::kFloat);
   const double scale = op == c10d::ReduceOp::SUM ? getSize() : 1.0;
+  // Tensors large enough travel compressed (the flag element never is). The wire is float32
+  // whatever the tensor's dtype, hence kFloat32 for the choice.
+  const auto policy = averaging::CodecPolicy::AllRoles(compression_);
+  std::vector<averaging::CodecRange> codecs;
   int64_t offset = 0;
   for (const auto& tensor : tensors) {
     at::Tensor slice = flat.narrow(0, offset, tensor.numel());
     slice.copy_(tensor.reshape({-1}));
     if (scale != 1.0) slice.mul_(scale);
+    averaging::CodecSpec spec = averaging::ChooseCodec(
+        static_cast<uint64_t>(tensor.numel()), averaging::TensorRole::kGradient, policy);
+    if (spec.id != averaging::CodecId::kNone) {
+      codecs.push_back({static_cast<size_t>(offset), static_cast<size_t>(tensor.numel()), spec});
+    }
     offset += tensor.numel();
   }
   // The all-reduce refuses non-finite values (an outsider must not be able to poison the mean),
@@ -847,7 +863,8 @@ void HivemindBackend::MeanAllReduce(std::vector<at::Tensor>& tensors, c10d::Redu
     flat.zero_();
     data[static_cast<size_t>(total)] = 1.0f;
   }
-  auto report = swarm_->Mean(data, deadline, Signature("mean", tensors, op.op_), Weight());
+  auto report =
+      swarm_->Mean(data, deadline, Signature("mean", tensors, op.op_), Weight(), std::move(codecs));
   if (!report.ok()) Fail("allreduce failed: " + report.status().ToString());
   if (data[static_cast<size_t>(total)] > 0.0f) flat.fill_(std::numeric_limits<float>::quiet_NaN());
   offset = 0;

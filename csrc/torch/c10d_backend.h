@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "averaging/codec_policy.h"
 #include "net/address.h"
 #include "swarm/swarm_averager.h"
 #include "swarm/swarm_peer.h"
@@ -51,6 +52,9 @@ struct BackendConfig {
   double matchmaking_time = 2.0;
   double request_timeout = 1.0;
   double bootstrap_timeout = 30.0;
+  // averaging::CodecId of the codec for float SUM/AVG all-reduces (0: none). Launches that
+  // compress differently never share a group.
+  int compression = 0;
 };
 
 // One operation: its outputs, and a future that completes with them (what DDP and comm hooks use).
@@ -177,6 +181,7 @@ class HivemindBackend : public c10d::Backend {
 
   std::shared_ptr<swarm::SwarmPeer> peer_;
   std::chrono::milliseconds timeout_;
+  averaging::CodecSpec compression_;  // for float SUM/AVG all-reduces
   std::string launch_id_;
   std::vector<net::PeerAddress> ranks_;
   std::unique_ptr<swarm::SwarmAverager> swarm_;  // used by the operation thread only

@@ -33,7 +33,8 @@ void RegisterC10dBindings(py::module_& m) {
       .def_readwrite("moshpit_period", &BackendConfig::moshpit_period)
       .def_readwrite("matchmaking_time", &BackendConfig::matchmaking_time)
       .def_readwrite("request_timeout", &BackendConfig::request_timeout)
-      .def_readwrite("bootstrap_timeout", &BackendConfig::bootstrap_timeout);
+      .def_readwrite("bootstrap_timeout", &BackendConfig::bootstrap_timeout)
+      .def_readwrite("compression", &BackendConfig::compression);
 
   py::class_<HivemindBackend, c10d::Backend, c10::intrusive_ptr<HivemindBackend>>(
       m, "_ProcessGroupHivemind")

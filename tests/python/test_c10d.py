@@ -232,6 +232,7 @@ def _bad_env(rank, world_size):
         ({"HIVEMIND_ENCRYPTION": "maybe"}, "HIVEMIND_ENCRYPTION"),
         ({"HIVEMIND_MOSHPIT_PERIOD": "0"}, "HIVEMIND_MOSHPIT_PERIOD"),
         ({"HIVEMIND_RUN_ID": "has.dot"}, "HIVEMIND_RUN_ID"),
+        ({"HIVEMIND_COMPRESSION": "zip"}, "HIVEMIND_COMPRESSION"),
         ({"HIVEMIND_INITIAL_PEERS": "/ip4/127.0.0.1/tcp/1/p2p/notapeerid"}, "notapeerid"),
     ],
 )
@@ -283,3 +284,29 @@ def test_an_overflow_on_one_rank_reaches_every_rank_as_nan():
     for rank in range(3):
         assert torch.isnan(results[rank]["overflow"]).all()
         assert results[rank]["after"].tolist() == [3.0] * 3
+
+
+def _compressed(rank, world_size):
+    import torch.distributed as dist
+
+    generator = torch.Generator().manual_seed(rank)
+    large = torch.randn(70000, generator=generator)  # above the 65536-element threshold
+    small = torch.randn(100, generator=generator)
+    inputs = {"large": large.clone(), "small": small.clone()}
+    dist.all_reduce(large, op=dist.ReduceOp.AVG)
+    dist.all_reduce(small, op=dist.ReduceOp.AVG)
+    return {"inputs": inputs, "large": large, "small": small}
+
+
+def test_compression_applies_to_large_tensors_and_keeps_ranks_identical():
+    results = run_ranks(_compressed, 3, env={"HIVEMIND_COMPRESSION": "float16"})
+    exact_large = sum(results[r]["inputs"]["large"].double() for r in range(3)) / 3
+    exact_small = sum(results[r]["inputs"]["small"].double() for r in range(3)) / 3
+    for rank in range(3):
+        assert torch.equal(results[rank]["large"], results[0]["large"])
+        assert torch.equal(results[rank]["small"], results[0]["small"])
+    error = (results[0]["large"].double() - exact_large).abs()
+    # fp16 keeps 11 significant bits: relative error about 2^-11 per rounding, twice here.
+    assert error.max().item() < 4e-3 * exact_large.abs().max().item()
+    assert error.max().item() > 0, "the large tensor should have travelled as fp16"
+    assert torch.allclose(results[0]["small"].double(), exact_small, rtol=1e-6, atol=1e-7)
