@@ -93,7 +93,20 @@ struct Config {
   // no peer fails here, so no takeover needs them, and the next round starts only after every
   // peer finished this one.
   int grace_ms = 0;
+  // Codec for the whole vector (AllReduceOptions::codecs); "none" sends raw float32.
+  std::string codec = "none";
 };
+
+// The user-facing codec names (hivemind_backend/compression.py).
+std::optional<avg::CodecSpec> CodecByName(const std::string& name) {
+  if (name == "none") return avg::CodecSpec::None();
+  if (name == "float16") return avg::CodecSpec::Float16();
+  if (name == "scaled_float16") return avg::CodecSpec::ScaledFloat16();
+  if (name == "uniform8") return avg::CodecSpec::Uniform8();
+  if (name == "quantile8") return avg::CodecSpec::Quantile8();
+  if (name == "blockwise8") return avg::CodecSpec::Blockwise8();
+  return std::nullopt;
+}
 
 std::string FormatSize(size_t bytes) {
   char text[32];
@@ -152,7 +165,7 @@ void PrintUsage() {
       "usage: benchmark_averaging [--sizes=4M,16M,64M] [--peers=2,4] [--groups=1] [--rounds=5]\n"
       "                           [--warmup=1] [--encrypt] [--json] [--quick]\n"
       "                           [--part-elements=131072] [--timeout=120] [--grace-ms=0]\n"
-      "                           [--no-tcp-reference]\n"
+      "                           [--no-tcp-reference] [--codec=none]\n"
       "  --sizes      float32 vector sizes in bytes (suffix K, M, G = KiB, MiB, GiB; multiple of "
       "4)\n"
       "  --peers      group sizes n; each peer is its own process\n"
@@ -162,7 +175,9 @@ void PrintUsage() {
       "  --encrypt    CURVE on every link (default off: a trusted LAN, as Gloo)\n"
       "  --json       print one JSON object instead of the table\n"
       "  --quick      sizes 1M,4M, peers 2,4, 2 rounds (smoke run)\n"
-      "  --timeout    seconds one round may take before it fails\n");
+      "  --timeout    seconds one round may take before it fails\n"
+      "  --codec      none, float16, scaled_float16, uniform8, quantile8 or blockwise8: parts and\n"
+      "               results travel encoded (results are then checked within 2%%, not exactly)\n");
 }
 
 bool ParseFlags(int argc, char** argv, Config& config) {
@@ -231,6 +246,12 @@ bool ParseFlags(int argc, char** argv, Config& config) {
       auto value = ParseInt(*timeout, 1, 3600);
       if (!value) return bad("give 1 .. 3600 seconds");
       config.timeout_s = *value;
+    } else if (auto codec = value_of("--codec")) {
+      if (!CodecByName(*codec))
+        return bad(
+            "give none, float16, scaled_float16, uniform8, "
+            "quantile8 or blockwise8");
+      config.codec = *codec;
     } else if (auto grace = value_of("--grace-ms")) {
       auto value = ParseInt(*grace, 0, 600000);
       if (!value) return bad("give 0 .. 600000 ms");
@@ -419,6 +440,9 @@ int RunWorker(const Config& config, int read_fd, int write_fd) {
       (void)parent.WriteLine("FAIL unknown command '" + OneLine(*line) + "'");
       continue;
     }
+    const avg::CodecSpec codec = *CodecByName(config.codec);
+    round_options.codecs.clear();
+    if (codec.id != avg::CodecId::kNone) round_options.codecs.push_back({0, data.size(), codec});
     int64_t start = NowNanos();
     auto report = service->AllReduce(group, data, 1.0f, round_options);
     int64_t end = NowNanos();
@@ -442,7 +466,9 @@ int RunWorker(const Config& config, int read_fd, int write_fd) {
     }
     int n = static_cast<int>(group.members.size());
     for (size_t i = 0; problem.empty() && i < data.size(); ++i) {
-      if (data[i] != ExpectedMean(n, base, i)) {
+      const float expected = ExpectedMean(n, base, i);
+      const float tolerance = codec.id == avg::CodecId::kNone ? 0.0f : 0.02f * (1 + expected);
+      if (!(std::abs(data[i] - expected) <= tolerance)) {
         char text[160];
         std::snprintf(text, sizeof(text), "wrong mean at element %zu: %.9g, expected %.9g", i,
                       static_cast<double>(data[i]), static_cast<double>(ExpectedMean(n, base, i)));
@@ -489,7 +515,8 @@ class Workers {
           "--worker=" + std::to_string(to_worker[0]) + "," + std::to_string(from_worker[1]),
           "--timeout=" + std::to_string(config.timeout_s),
           "--grace-ms=" + std::to_string(config.grace_ms),
-          "--part-elements=" + std::to_string(config.part_elements)};
+          "--part-elements=" + std::to_string(config.part_elements),
+          "--codec=" + config.codec};
       if (config.encrypt) args.push_back("--encrypt");
       std::vector<char*> raw;
       for (auto& arg : args) raw.push_back(arg.data());
