@@ -251,7 +251,9 @@ Result<SwarmGroup> SwarmAverager::LeadFormation(const std::string& key,
       if (keys_) {
         Status moved = keys_->OnGroupAssembled(formed->group.id, formed->group.my_index,
                                                static_cast<int>(formed->group.members.size()));
-        if (!moved.ok()) HM_LOG(kWarning) << "swarm: Moshpit key not moved: " << moved.ToString();
+        if (!moved.ok()) {
+          HM_LOG(kWarning) << "swarm: Moshpit key not moved: " << moved.ToString();
+        }
       }
       for (const std::string& metadata : formed->metadata) {
         auto members = DecodeMembers(metadata);

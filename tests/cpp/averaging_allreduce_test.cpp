@@ -277,7 +277,9 @@ TEST(AllReduce, AuxiliaryOnlyReducersAndLateStarters) {
   std::vector<std::thread> threads;
   for (int i = 0; i < 4; ++i) {
     threads.emplace_back([&, i] {
-      if (i >= 2) ASSERT_TRUE(early_part_sent.WaitFor(Milliseconds(10000)));
+      if (i >= 2) {
+        ASSERT_TRUE(early_part_sent.WaitFor(Milliseconds(10000)));
+      }
       Group mine = group;
       mine.my_index = i;
       outcome.results[i] =

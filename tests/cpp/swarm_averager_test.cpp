@@ -129,7 +129,7 @@ TEST(SwarmGroup, RoundTripsAndRefusesMalformedDescriptions) {
   auto stranger = test::StartNode();
   EXPECT_EQ(SwarmGroup::Decode(group.Encode(), stranger->peer_id()).status().code(),
             StatusCode::kProtocolError);
-  for (const std::string bad :
+  for (const std::string& bad :
        {std::string(""), std::string("nonsense\nid\n"), std::string("hivemind-swarm-group-v1\n"),
         std::string("hivemind-swarm-group-v1\nid\nl1\t5\t2\t") + a->visible_address().ToString(),
         std::string("hivemind-swarm-group-v1\nid\nl1\tx\t2\t/ip4/1.2.3.4/tcp/1")}) {
