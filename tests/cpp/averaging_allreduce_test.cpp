@@ -353,7 +353,9 @@ TEST(AllReduce, CompressedRangesKeepMembersIdenticalAndNearTheMean) {
       worst = std::max(worst, std::abs(outcome.data[0][e] - sum / 10.0));
     }
     EXPECT_LE(worst, limits[r]) << "elements [" << bounds[r] << ", " << bounds[r + 1] << ")";
-    if (limits[r] > 1e-3) EXPECT_GT(worst, 1e-6) << "range " << r << " was not compressed";
+    if (limits[r] > 1e-3) {
+      EXPECT_GT(worst, 1e-6) << "range " << r << " was not compressed";
+    }
   }
 }
 
