@@ -3,8 +3,9 @@ outside c10d (hivemind's API; docs/averaging.md, "Python API").
 
 The network work is C++ (matchmaking and the butterfly all-reduce on the DHT peer's node, running
 without the GIL). This module adds hivemind's argument names, the tensor handling (one float32
-buffer for the wire, written back in each tensor's own dtype), the lock that keeps steps and user
-writes apart, and the retry loop of ``step``.
+buffer for the wire, written back in each tensor's own dtype, with the ranges of compressed
+tensors marked in it), the lock that keeps steps and user writes apart, and the retry loop of
+``step``.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import torch
 
 from hivemind_backend import _C
 from hivemind_backend import dht_values
+from hivemind_backend.compression import CODECS
 from hivemind_backend.dht import DHT
 
 logger = logging.getLogger(__name__)
 
-# The dtypes that are averaged. Everything travels as float32: float64 tensors are averaged at
-# float32 precision, float16/bfloat16 ones lose nothing on the way.
+# The dtypes that are averaged. Without compression everything travels as float32: float64 tensors
+# are averaged at float32 precision, float16/bfloat16 ones lose nothing on the way.
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 # The matchmaking layer refuses larger metadata (MatchmakingOptions::max_metadata_bytes).
@@ -86,10 +88,61 @@ def _check_tensors(averaged_tensors: Any) -> tuple:
     return tuple(averaged_tensors)
 
 
-def _schema_hash(tensors: Sequence[torch.Tensor]) -> bytes:
-    """Fingerprint of the layout (shapes and dtypes, in order). It is part of the DHT key and is
-    checked by the leader, so peers with different layouts never end up in one group."""
-    schema = ";".join(f"{tuple(t.shape)}:{str(t.dtype).replace('torch.', '')}" for t in tensors)
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).replace("torch.", "")
+
+
+def _codec_id(name: Any, where: str) -> int:
+    if name is None:
+        return CODECS["none"]
+    if not isinstance(name, str):
+        raise TypeError(f"{where} must be a codec name (str) or None, got {type(name).__name__}")
+    if name not in CODECS:
+        raise ValueError(f"{where} is {name!r}, not a codec; valid names: "
+                         f"{', '.join(repr(n) for n in CODECS)} (or None)")
+    return CODECS[name]
+
+
+def _resolve_compression(compression: Any, tensors: Sequence[torch.Tensor]) -> list:
+    """The codec name each tensor travels with, or None for raw float32.
+
+    One name applies to every tensor the backend's codec policy lets it compress: tensors below
+    its size threshold and 16-bit tensors under a 16-bit codec stay raw (``_C._choose_codec`` is
+    that policy, so the rule lives in one place, codec_policy.h). A list is applied as given."""
+    if isinstance(compression, (list, tuple)):
+        if len(compression) != len(tensors):
+            raise ValueError(f"compression has {len(compression)} entries but there are "
+                             f"{len(tensors)} averaged tensors: give one codec name (or None) "
+                             f"per tensor")
+        ids = [_codec_id(name, f"compression[{i}]") for i, name in enumerate(compression)]
+    else:
+        requested = _codec_id(compression, "compression")
+        ids = [_C._choose_codec(requested, t.numel(), _dtype_name(t)) for t in tensors]
+    names = {codec_id: name for name, codec_id in CODECS.items()}
+    return [None if codec_id == CODECS["none"] else names[codec_id] for codec_id in ids]
+
+
+def _codec_ranges(sizes: Sequence[int], codecs: Sequence[Optional[str]]) -> list:
+    """(begin, size, codec id, block size) for every compressed tensor, in elements of the flat
+    float32 buffer (tensors lie there one after another, in order). Block size 0 is the codec's
+    default."""
+    ranges = []
+    offset = 0
+    for size, name in zip(sizes, codecs):
+        if name is not None and size > 0:
+            ranges.append((offset, size, CODECS[name], 0))
+        offset += size
+    return ranges
+
+
+def _schema_hash(tensors: Sequence[torch.Tensor], codecs: Sequence[Optional[str]]) -> bytes:
+    """Fingerprint of the layout (shapes and dtypes, in order) and of the codecs. It is part of
+    the DHT key and is checked by the leader, so peers with different layouts never end up in
+    one group, nor peers that compress differently (the all-reduce would refuse every round of
+    theirs). Without compression it is the layout's hash alone, as before compression existed."""
+    schema = ";".join(f"{tuple(t.shape)}:{_dtype_name(t)}" for t in tensors)
+    if any(codecs):
+        schema += "|codecs:" + ";".join(f"{i}={name}" for i, name in enumerate(codecs) if name)
     return hashlib.blake2b(schema.encode("ascii"), digest_size=32).digest()
 
 
@@ -133,6 +186,12 @@ class DecentralizedAverager:
       format). Needs ``target_group_size`` = M, a power of two; every log2(M) bits are one grid
       coordinate. After each group the bits shift (as hivemind's), so with N = M^(d+1) peers and
       d·log2(M) bits, d + 1 rounds give the exact global mean.
+    :param compression: how the tensors travel. ``None`` or ``"none"``: float32, lossless. A
+      codec name (``"float16"``, ``"scaled_float16"``, ``"uniform8"``, ``"quantile8"``,
+      ``"blockwise8"``; docs/compression.md): every tensor of at least 65536 elements goes with it,
+      except that the 16-bit codecs leave float16/bfloat16 tensors raw. A list or tuple: one name
+      (or None) per tensor, applied as given. Peers average together only when they compress
+      alike.
     :param start: kept for hivemind compatibility; the averager is always ready at once (there
       is no background process to start).
     """
@@ -155,6 +214,7 @@ class DecentralizedAverager:
         client_mode: Optional[bool] = None,
         auxiliary: bool = False,
         initial_group_bits: str = "",
+        compression: Union[None, str, Sequence[Optional[str]]] = None,
         start: bool = True,
     ):
         del start  # nothing runs in the background; see the docstring
@@ -188,6 +248,7 @@ class DecentralizedAverager:
             raise ValueError("initial_group_bits needs target_group_size (the Moshpit grid side)")
         self._grid_side = target_group_size or 1
         coordinates = self._coordinates_from_bits(initial_group_bits)
+        codecs = _resolve_compression(compression, self._tensors)
 
         self.prefix = prefix
         self.target_group_size = target_group_size
@@ -195,8 +256,10 @@ class DecentralizedAverager:
         self.client_mode = bool(client_mode)
         self.auxiliary = bool(auxiliary)
         self.mode = "auxiliary" if auxiliary else ("client" if client_mode else "normal")
-        self.schema_hash = _schema_hash(self._tensors)
+        self.schema_hash = _schema_hash(self._tensors, codecs)
         self._sizes = [t.numel() for t in self._tensors]
+        #: (tensor index, codec name) of every tensor that travels compressed.
+        self.compression = [(i, name) for i, name in enumerate(codecs) if name is not None]
         # The wire buffer: float32 values in a bytearray that the extension reads and writes
         # through the buffer protocol; _flat is a tensor view of the same memory.
         self._buffer = bytearray(4 * sum(self._sizes))
@@ -219,6 +282,7 @@ class DecentralizedAverager:
             part_elements=part_size_bytes // 4,
             bandwidth=float(bandwidth),
             mode=self.mode,
+            codecs=_codec_ranges(self._sizes, codecs),
         )
         # Held by get_tensors() and by a step while it reads and writes the tensors.
         self.lock_averaged_tensors = threading.RLock()
@@ -421,6 +485,7 @@ class DecentralizedAverager:
             "failed_peers": [peer_ids[i] for i in report["failed_members"]],
             "failures": report["failures"],
             "takeovers": report["takeovers"],
+            "compression": list(self.compression),
             "matchmaking_seconds": formed.seconds,
             "allreduce_seconds": time.monotonic() - started,
         }

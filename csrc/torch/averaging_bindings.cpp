@@ -15,18 +15,23 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
 #include "averaging/allreduce.h"
+#include "averaging/codec.h"
+#include "averaging/codec_policy.h"
 #include "averaging/group.h"
 #include "averaging/group_key.h"
 #include "averaging/matchmaking.h"
+#include "averaging/part_codec.h"
 #include "common/status.h"
 #include "dht/dht_runner.h"
 #include "torch/hivemind_bindings.h"
@@ -39,6 +44,9 @@ namespace {
 using averaging::AllReduceOptions;
 using averaging::AllReduceReport;
 using averaging::AllReduceService;
+using averaging::CodecId;
+using averaging::CodecRange;
+using averaging::CodecSpec;
 using averaging::FormedGroup;
 using averaging::GroupKeyManager;
 using averaging::GroupKeyOptions;
@@ -76,6 +84,79 @@ MemberMode ParseMode(const std::string& mode) {
   if (mode == "auxiliary") return MemberMode::kAuxiliary;
   Raise(Status(StatusCode::kInvalidArgument,
                "mode must be 'normal', 'client' or 'auxiliary', got '" + mode + "'"));
+}
+
+// A codec as Python names it: hivemind's CompressionType number (what CodecId follows) and a block
+// size, 0 meaning the codec's default. The default is written out so that "0" and "4096" give the
+// same range digest: peers that spell the default differently still average together.
+CodecSpec ParseCodecSpec(int64_t codec_id, int64_t block_size) {
+  if (codec_id < 0 || codec_id > std::numeric_limits<uint8_t>::max()) {
+    Raise(Status(StatusCode::kInvalidArgument, "unknown codec id " + std::to_string(codec_id)));
+  }
+  if (block_size < 0 || block_size > std::numeric_limits<uint32_t>::max()) {
+    Raise(Status(StatusCode::kInvalidArgument,
+                 "codec block size must be in [0, 2^32), got " + std::to_string(block_size)));
+  }
+  CodecSpec spec{static_cast<CodecId>(codec_id), static_cast<uint32_t>(block_size)};
+  Status valid = averaging::ValidateSpec(spec);
+  if (!valid.ok()) Raise(valid);
+  if (spec.block_size == 0 &&
+      (spec.id == CodecId::kScaledFloat16 || spec.id == CodecId::kBlockwise8)) {
+    spec.block_size = averaging::kDefaultBlockSize;
+  }
+  return spec;
+}
+
+averaging::DType ParseDType(const std::string& dtype) {
+  if (dtype == "float32") return averaging::DType::kFloat32;
+  if (dtype == "float64") return averaging::DType::kFloat64;
+  if (dtype == "float16") return averaging::DType::kFloat16;
+  if (dtype == "bfloat16") return averaging::DType::kBFloat16;
+  Raise(Status(StatusCode::kInvalidArgument,
+               "dtype must be 'float32', 'float64', 'float16' or 'bfloat16', got '" + dtype + "'"));
+}
+
+// (begin, size, codec id, block size) per range, in elements of the flat float32 vector. Checked
+// here (signs, codecs, order, overlap) so that a bad list fails when the averager is made, before
+// any group waits on this peer; the all-reduce checks the ranges against the vector's length again.
+using CodecRangeTuple = std::tuple<int64_t, int64_t, int64_t, int64_t>;
+
+std::vector<CodecRange> ParseCodecRanges(const std::vector<CodecRangeTuple>& tuples) {
+  std::vector<CodecRange> ranges;
+  ranges.reserve(tuples.size());
+  for (size_t i = 0; i < tuples.size(); ++i) {
+    const auto& [begin, size, codec_id, block_size] = tuples[i];
+    if (begin < 0 || size < 0) {
+      Raise(Status(StatusCode::kInvalidArgument,
+                   "codecs[" + std::to_string(i) + "]: begin and size must be >= 0, got (" +
+                       std::to_string(begin) + ", " + std::to_string(size) + ")"));
+    }
+    CodecRange range;
+    range.begin = static_cast<size_t>(begin);
+    range.size = static_cast<size_t>(size);
+    range.spec = ParseCodecSpec(codec_id, block_size);
+    ranges.push_back(range);
+  }
+  // The vector's length is not known yet: checking against the largest one still catches
+  // unsorted and overlapping ranges (begin + size of two int64 values cannot overflow size_t).
+  auto checked = averaging::PartCodec::Make(ranges, std::numeric_limits<size_t>::max());
+  if (!checked.ok()) Raise(checked.status().WithContext("codecs"));
+  return ranges;
+}
+
+// The codec a tensor of `dtype` with `num_elements` elements travels with when the user asked for
+// `codec_id` on every tensor: the same rule as everywhere else in the backend (ChooseCodec: small
+// tensors and 16-bit codecs on 16-bit tensors stay raw). Returns the codec id.
+int ChooseTensorCodec(int64_t codec_id, int64_t num_elements, const std::string& dtype) {
+  if (num_elements < 0) {
+    Raise(Status(StatusCode::kInvalidArgument,
+                 "num_elements must be >= 0, got " + std::to_string(num_elements)));
+  }
+  const CodecSpec requested = ParseCodecSpec(codec_id, 0);
+  const CodecSpec chosen = averaging::ChooseCodec(
+      static_cast<uint64_t>(num_elements), averaging::TensorRole::kUnspecified,
+      averaging::CodecPolicy::AllRoles(requested), ParseDType(dtype));
+  return static_cast<int>(chosen.id);
 }
 
 // The Matchmaker and AllReduceService of one DhtRunner. Both register fixed method names on the
@@ -308,13 +389,11 @@ py::list Modes(const FormedGroup& formed) {
   return out;
 }
 
-std::unique_ptr<Averager> MakeAverager(std::shared_ptr<DhtRunner> runner, std::string prefix,
-                                       py::bytes schema_hash, int grid_side,
-                                       std::vector<int> coordinates, int target_group_size,
-                                       int min_group_size, double window, double request_timeout,
-                                       double sender_timeout, double reducer_timeout,
-                                       size_t part_elements, double bandwidth,
-                                       const std::string& mode) {
+std::unique_ptr<Averager> MakeAverager(
+    std::shared_ptr<DhtRunner> runner, std::string prefix, py::bytes schema_hash, int grid_side,
+    std::vector<int> coordinates, int target_group_size, int min_group_size, double window,
+    double request_timeout, double sender_timeout, double reducer_timeout, size_t part_elements,
+    double bandwidth, const std::string& mode, const std::vector<CodecRangeTuple>& codecs) {
   AveragerConfig config;
   config.prefix = std::move(prefix);
   config.schema_hash = schema_hash;
@@ -336,6 +415,7 @@ std::unique_ptr<Averager> MakeAverager(std::shared_ptr<DhtRunner> runner, std::s
   }
   config.bandwidth = bandwidth;
   config.mode = ParseMode(mode);
+  config.allreduce.codecs = ParseCodecRanges(codecs);
   return std::make_unique<Averager>(std::move(runner), std::move(config));
 }
 
@@ -361,7 +441,8 @@ void RegisterAveragingBindings(py::module_& m) {
            py::arg("schema_hash"), py::arg("grid_side"), py::arg("coordinates"),
            py::arg("target_group_size"), py::arg("min_group_size"), py::arg("window"),
            py::arg("request_timeout"), py::arg("sender_timeout"), py::arg("reducer_timeout"),
-           py::arg("part_elements"), py::arg("bandwidth"), py::arg("mode"))
+           py::arg("part_elements"), py::arg("bandwidth"), py::arg("mode"),
+           py::arg("codecs") = std::vector<CodecRangeTuple>())
       .def_property_readonly("group_key", &Averager::group_key)
       .def_property_readonly("coordinates", &Averager::coordinates)
       .def("set_coordinates", &Averager::SetCoordinates, py::arg("coordinates"))
@@ -381,6 +462,11 @@ void RegisterAveragingBindings(py::module_& m) {
           py::arg("group"), py::arg("buffer"), py::arg("weight"), py::arg("timeout"),
           "Averages a float32 buffer in place with the group; returns the report.")
       .def("shutdown", &Averager::Shutdown, py::call_guard<py::gil_scoped_release>());
+
+  m.def("_choose_codec", &ChooseTensorCodec, py::arg("codec_id"), py::arg("num_elements"),
+        py::arg("dtype"),
+        "The codec id a tensor travels with when codec_id is asked for every tensor (small "
+        "tensors and 16-bit codecs on 16-bit tensors stay raw: codec_policy.h).");
 }
 
 }  // namespace hivemind::python

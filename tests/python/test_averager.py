@@ -257,6 +257,136 @@ def test_auxiliary_peer_reduces_but_keeps_its_tensors(swarm, averagers):
     assert sorted(helper.last_report["modes"]) == ["auxiliary", "normal", "normal"]
 
 
+# ---- compression ----
+
+LARGE = 1 << 17  # above the codec policy's threshold of 65536 elements
+
+
+def weighted_mean(inputs, weights, k):
+    return sum(w * tensors[k] for w, tensors in zip(weights, inputs)) / sum(weights)
+
+
+def test_float16_compresses_large_tensors_and_keeps_small_ones_exact(swarm, averagers):
+    torch.manual_seed(1)
+    inputs = [[torch.randn(LARGE), torch.randn(100)] for _ in range(3)]
+    weights = [1.0, 2.0, 3.0]
+    group = [
+        averagers([t.clone() for t in inputs[i]], swarm[i], prefix="fp16", target_group_size=3,
+                  compression="float16")
+        for i in range(3)
+    ]
+    assert group[0].compression == [(0, "float16")]
+    assert all(r is not None for r in step_all(group, weight=weights))
+
+    large, small = assert_identical(group)
+    exact_large = weighted_mean(inputs, weights, 0)
+    # Parts and results are each rounded to fp16 once: relative error 2^-11 per rounding, on
+    # values that are mostly below 4 in magnitude.
+    error = (large - exact_large).abs().max().item()
+    assert error < 8e-3
+    assert error > 0, "the large tensor came back exact: nothing was compressed"
+    assert not torch.equal(large, exact_large)
+    # The small tensor travels raw: the float32 mean, as without compression.
+    assert torch.allclose(small, weighted_mean(inputs, weights, 1), rtol=0, atol=1e-6)
+    assert group[0].last_report["compression"] == [(0, "float16")]
+
+
+def test_float16_leaves_16_bit_tensors_raw_and_the_schema_says_so(swarm, averagers):
+    tensors = [torch.zeros(LARGE, dtype=torch.bfloat16), torch.zeros(LARGE, dtype=torch.float16),
+               torch.zeros(LARGE), torch.zeros(10)]
+    averager = averagers(tensors, swarm[0], prefix="rule", compression="float16")
+    assert averager.compression == [(2, "float16")]
+    plain = averagers(tensors, swarm[1], prefix="rule")
+    assert plain.compression == []
+    assert averager.schema_hash != plain.schema_hash
+    # "none" is lossless, as None: the same schema as an averager without compression.
+    assert averagers(tensors, swarm[2], prefix="rule", compression="none").schema_hash == \
+        plain.schema_hash
+    # A list equivalent to the name gives the same ranges, so the same schema.
+    assert averagers(tensors, swarm[3], prefix="rule",
+                     compression=[None, "none", "float16", None]).schema_hash == \
+        averager.schema_hash
+
+
+def test_blockwise8_per_tensor_list_applies_as_given(swarm, averagers):
+    torch.manual_seed(2)
+    # The list overrides the size threshold: the 5000-element tensor is compressed too.
+    inputs = [[torch.randn(LARGE), torch.randn(5000), torch.randn(64)] for _ in range(2)]
+    compression = ["blockwise8", "blockwise8", None]
+    group = [
+        averagers([t.clone() for t in inputs[i]], swarm[i], prefix="bw8", target_group_size=2,
+                  compression=compression)
+        for i in range(2)
+    ]
+    assert group[0].compression == [(0, "blockwise8"), (1, "blockwise8")]
+    assert all(r is not None for r in step_all(group))
+
+    final = assert_identical(group)
+    for k in (0, 1):
+        exact = weighted_mean(inputs, [1.0, 1.0], k)
+        error = (final[k] - exact).abs().max().item()
+        # Each block's error is below ~1% of its absmax (about 4-5 for N(0,1) samples), rounded
+        # twice (parts, results).
+        assert 0 < error < 0.1, f"tensor {k}: max error {error}"
+    assert torch.allclose(final[2], weighted_mean(inputs, [1.0, 1.0], 2), rtol=0, atol=1e-6)
+    assert group[1].last_report["compression"] == [(0, "blockwise8"), (1, "blockwise8")]
+
+
+def test_bad_compression_raises_before_any_network(swarm):
+    tensors = [torch.zeros(LARGE), torch.zeros(3)]
+    with pytest.raises(ValueError, match="valid names: 'none', 'scaled_float16', 'float16'"):
+        DecentralizedAverager(tensors, swarm[0], prefix="bad", compression="fp17")
+    with pytest.raises(ValueError, match=r"compression\[1\] is 'int8'"):
+        DecentralizedAverager(tensors, swarm[0], prefix="bad", compression=["float16", "int8"])
+    with pytest.raises(ValueError, match="3 entries but there are 2 averaged tensors"):
+        DecentralizedAverager(tensors, swarm[0], prefix="bad",
+                              compression=["float16", None, None])
+    with pytest.raises(ValueError, match="1 entries but there are 2"):
+        DecentralizedAverager(tensors, swarm[0], prefix="bad", compression=("uniform8",))
+    with pytest.raises(TypeError, match="codec name"):
+        DecentralizedAverager(tensors, swarm[0], prefix="bad", compression=2)
+    with pytest.raises(TypeError, match=r"compression\[0\] must be a codec name"):
+        DecentralizedAverager(tensors, swarm[0], prefix="bad", compression=[2, None])
+
+
+def test_native_codec_ranges_are_checked(swarm):
+    def make(codecs):
+        return hivemind_backend._C._Averager(
+            runner=swarm[0]._active(), prefix="ranges", schema_hash=b"x" * 32, grid_side=1,
+            coordinates=[], target_group_size=0, min_group_size=2, window=0.1,
+            request_timeout=0.5, sender_timeout=1.0, reducer_timeout=2.0, part_elements=64,
+            bandwidth=1.0, mode="normal", codecs=codecs)
+
+    make([(0, 10, 2, 0), (10, 5, 5, 256)]).shutdown()
+    with pytest.raises(ValueError, match="overlaps the previous one"):
+        make([(0, 10, 2, 0), (5, 10, 4, 0)])
+    with pytest.raises(ValueError, match="overlaps the previous one"):
+        make([(10, 5, 2, 0), (0, 5, 2, 0)])
+    with pytest.raises(ValueError, match="unknown codec id 9"):
+        make([(0, 10, 9, 0)])
+    with pytest.raises(ValueError, match="takes no block size"):
+        make([(0, 10, 2, 128)])
+    with pytest.raises(ValueError, match="must be >= 0"):
+        make([(-1, 10, 2, 0)])
+    # Ranges past the end of the vector are refused by the all-reduce itself, before it sends
+    # anything (tests/cpp/averaging_allreduce_test.cpp, MembersThatCompressDifferently...).
+
+
+def test_peers_that_compress_differently_never_group(swarm, averagers):
+    tensors = [torch.ones(LARGE)]
+    fp16 = averagers([t.clone() for t in tensors], swarm[0], prefix="mixed", compression="float16")
+    raw = averagers([t.clone() for t in tensors], swarm[1], prefix="mixed")
+    # The compression is in the schema hash, which is in the group key: they look for groups under
+    # different keys, and a leader would refuse the other schema anyway.
+    assert fp16.group_key != raw.group_key
+
+    assert step_all([fp16, raw], timeout=[0.6, 0.6]) == [None, None]
+    for averager in (fp16, raw):
+        assert "found no group" in averager.last_report["error"]
+    with fp16.get_tensors() as held:
+        assert torch.equal(held[0], tensors[0])
+
+
 def test_step_on_a_stopped_dht_fails_at_once(swarm, averagers):
     averager = averagers([torch.ones(2)], swarm[1], prefix="stopped")
     swarm[1].shutdown()
