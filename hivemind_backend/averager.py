@@ -495,8 +495,8 @@ class DecentralizedAverager:
 
     def shutdown(self) -> None:
         """Stops taking part in averaging; idempotent. The DHT itself keeps running. A step in
-        progress on another thread returns None once its current matchmaking or all-reduce call
-        ends (at once when this was the last averager on its DHT, else at that call's timeout)."""
+        progress on another thread returns None: at once if it is looking for a group, when its
+        all-reduce ends if it is averaging."""
         self._shutdown.set()
         self._native.shutdown()
         with self._executor_lock:

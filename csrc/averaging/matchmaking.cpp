@@ -122,6 +122,8 @@ struct Search {
   std::optional<wire::GroupMessage> from_leader;
   uint64_t version = 0;  // bumped by every handler change; the caller's wait watches it
   std::condition_variable changed;
+
+  bool Cancelled() const { return options.cancelled && options.cancelled->load(); }
 };
 
 }  // namespace
@@ -501,14 +503,16 @@ SearchRun::Attempt SearchRun::TryJoin(const Candidate& candidate) {
   std::optional<wire::GroupMessage> message;
   {
     std::unique_lock<std::mutex> lock(shared_->mutex);
-    search_->changed.wait_until(
-        lock, wait_until, [&] { return search_->from_leader.has_value() || shared_->closed; });
+    search_->changed.wait_until(lock, wait_until, [&] {
+      return search_->from_leader.has_value() || shared_->closed || search_->Cancelled();
+    });
     message = search_->from_leader;
-    if (shared_->closed) {
+    if (shared_->closed || search_->Cancelled()) {
       search_->role = Role::kDone;
       Attempt attempt;
-      attempt.finished =
-          Result<FormedGroup>(Status(StatusCode::kCancelled, "the matchmaker was shut down"));
+      attempt.finished = Result<FormedGroup>(
+          Status(StatusCode::kCancelled,
+                 shared_->closed ? "the matchmaker was shut down" : "the search was cancelled"));
       return attempt;
     }
   }
@@ -694,12 +698,13 @@ Result<FormedGroup> SearchRun::Run() {
     // A peer whose DHT (and so its node) was shut down cannot hand out a group any more.
     const bool dht_running = dht_.is_running();
     std::unique_lock<std::mutex> lock(shared_->mutex);
-    if (shared_->closed || !dht_running) {
+    if (shared_->closed || search_->Cancelled() || !dht_running) {
       search_->role = Role::kDone;
       std::vector<Follower> left;
       left.swap(search_->followers);
-      const std::string why =
-          dht_running ? "the matchmaker was shut down" : "the DHT of this peer was shut down";
+      const std::string why = !dht_running      ? "the DHT of this peer was shut down"
+                              : shared_->closed ? "the matchmaker was shut down"
+                                                : "the search was cancelled";
       lock.unlock();
       if (dht_running) {
         Disband(std::move(left), nullptr, why);
@@ -721,8 +726,9 @@ Result<FormedGroup> SearchRun::Run() {
     auto wake = std::min(next_read_, deadline_);
     if (big_enough) wake = std::min(wake, search_->seal_deadline);
     const uint64_t seen = search_->version;
-    search_->changed.wait_until(lock, wake,
-                                [&] { return search_->version != seen || shared_->closed; });
+    search_->changed.wait_until(lock, wake, [&] {
+      return search_->version != seen || shared_->closed || search_->Cancelled();
+    });
   }
 
   std::vector<Follower> left;
@@ -786,6 +792,11 @@ void Matchmaker::Shutdown() {
   for (auto& [key, search] : shared_->searches) search->changed.notify_all();
 }
 
+void Matchmaker::WakeSearches() {
+  std::lock_guard<std::mutex> lock(shared_->mutex);
+  for (auto& [key, search] : shared_->searches) search->changed.notify_all();
+}
+
 Result<FormedGroup> Matchmaker::FormGroup(const MatchmakingOptions& options) {
   if (options.group_key.empty()) {
     return Status(StatusCode::kInvalidArgument, "matchmaking needs a group key");
@@ -822,6 +833,7 @@ Result<FormedGroup> Matchmaker::FormGroup(const MatchmakingOptions& options) {
   {
     std::lock_guard<std::mutex> lock(shared_->mutex);
     if (shared_->closed) return Status(StatusCode::kCancelled, "the matchmaker was shut down");
+    if (search->Cancelled()) return Status(StatusCode::kCancelled, "the search was cancelled");
     if (!shared_->searches.emplace(options.group_key, search).second) {
       return Status(StatusCode::kFailedPrecondition,
                     "a search under group key '" + options.group_key + "' is already running");

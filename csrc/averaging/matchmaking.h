@@ -17,6 +17,7 @@
 // This header includes no protobuf: the torch extension includes it.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <memory>
@@ -58,6 +59,10 @@ struct MatchmakingOptions {
   // earlier peers whose declarations reached the DHT late and leaders that fell back.
   std::chrono::milliseconds poll_period{50};
   size_t max_metadata_bytes = size_t{16} << 10;
+  // Optional: set it (from any thread) to end this search with CANCELLED, then call
+  // Matchmaker::WakeSearches() so that a waiting search notices at once. A search that starts
+  // with it already set fails at once. Lets one user of a shared Matchmaker stop its own search.
+  std::shared_ptr<const std::atomic<bool>> cancelled;
 };
 
 struct FormedGroup {
@@ -90,6 +95,8 @@ class Matchmaker {
   Result<FormedGroup> FormGroup(const MatchmakingOptions& options);
 
   void Shutdown();
+  // Wakes every waiting search to check its `cancelled` flag.
+  void WakeSearches();
 
   struct Shared;
 

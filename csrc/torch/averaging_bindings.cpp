@@ -255,7 +255,12 @@ class Averager {
       std::lock_guard<std::mutex> lock(mutex_);
       services = std::move(services_);
     }
-    if (services) ReleaseServices(services);
+    // This averager's own search ends now, even while other averagers keep the matchmaker.
+    cancelled_->store(true);
+    if (services) {
+      services->matchmaker->WakeSearches();
+      ReleaseServices(services);
+    }
   }
 
   std::string group_key() const {
@@ -289,6 +294,7 @@ class Averager {
     options.window = config_.window;
     options.request_timeout = config_.request_timeout;
     options.timeout = timeout;
+    options.cancelled = cancelled_;
     Result<FormedGroup> formed = Status();
     {
       py::gil_scoped_release release;
@@ -365,6 +371,7 @@ class Averager {
   mutable std::mutex mutex_;  // guards keys_ and services_
   GroupKeyManager keys_;
   std::shared_ptr<PeerServices> services_;
+  const std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
 };
 
 py::list PeerIds(const FormedGroup& formed) {

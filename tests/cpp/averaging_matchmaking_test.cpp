@@ -4,8 +4,10 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <future>
 #include <map>
 #include <memory>
 #include <set>
@@ -221,6 +223,30 @@ TEST_F(MatchmakingTest, TooFewPeersFailsWithAClearErrorWithinTheTimeout) {
     EXPECT_NE(r.status().message().find("min_group_size is 3"), std::string::npos)
         << r.status().message();
   }
+}
+
+// One search of a shared matchmaker ends at once when its flag is set, and one that starts with
+// the flag set fails before declaring; the other searches are untouched.
+TEST_F(MatchmakingTest, ACancelledSearchEndsAtOnceAndOnlyItself) {
+  StartSwarm(3);
+  auto cancelled = std::make_shared<std::atomic<bool>>(false);
+  auto lonely = Options("run.lonely", 0);
+  lonely.timeout = milliseconds(20000);
+  lonely.cancelled = cancelled;
+  const auto start = SteadyClock::now();
+  auto search = std::async(std::launch::async, [&] { return matchmakers_[0]->FormGroup(lonely); });
+  // The pair below forms while the lonely search waits; then the lonely one is cancelled.
+  std::vector<MatchmakingOptions> pair(2, Options("run.pair", 2));
+  auto formed = FormAll(pair, 1);
+  for (const auto& r : formed) ASSERT_TRUE(r.ok()) << r.status().ToString();
+  cancelled->store(true);
+  matchmakers_[0]->WakeSearches();
+  auto result = search.get();
+  EXPECT_EQ(result.status().code(), StatusCode::kCancelled);
+  EXPECT_NE(result.status().message().find("cancelled"), std::string::npos);
+  EXPECT_LT(std::chrono::duration<double>(SteadyClock::now() - start).count(), 10.0);
+  // Already cancelled: refused before anything is declared.
+  EXPECT_EQ(matchmakers_[0]->FormGroup(lonely).status().code(), StatusCode::kCancelled);
 }
 
 TEST_F(MatchmakingTest, BadOptionsAreRejected) {

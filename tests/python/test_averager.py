@@ -387,6 +387,20 @@ def test_peers_that_compress_differently_never_group(swarm, averagers):
         assert torch.equal(held[0], tensors[0])
 
 
+def test_shutdown_ends_its_own_search_at_once_while_others_share_the_dht(swarm, averagers):
+    import time
+
+    lonely = averagers([torch.ones(2)], swarm[1], prefix="lonely")
+    neighbour = averagers([torch.ones(3)], swarm[1], prefix="neighbour")  # keeps the matchmaker
+    pending = lonely.step(timeout=30, wait=False)  # nobody else uses this prefix
+    lonely.shutdown()
+    start = time.monotonic()
+    assert pending.result(timeout=30) is None
+    assert time.monotonic() - start < 5, "the search should end at once, not at its timeout"
+    assert "shut down" in lonely.last_report["error"]
+    assert neighbour.is_alive()
+
+
 def test_step_on_a_stopped_dht_fails_at_once(swarm, averagers):
     averager = averagers([torch.ones(2)], swarm[1], prefix="stopped")
     swarm[1].shutdown()
