@@ -164,7 +164,7 @@ void PrintUsage() {
       stderr,
       "usage: benchmark_averaging [--sizes=4M,16M,64M] [--peers=2,4] [--groups=1] [--rounds=5]\n"
       "                           [--warmup=1] [--encrypt] [--json] [--quick]\n"
-      "                           [--part-elements=131072] [--timeout=120] [--grace-ms=0]\n"
+      "                           [--part-elements=262144] [--timeout=120] [--grace-ms=0]\n"
       "                           [--no-tcp-reference] [--codec=none]\n"
       "  --sizes      float32 vector sizes in bytes (suffix K, M, G = KiB, MiB, GiB; multiple of "
       "4)\n"
