@@ -185,9 +185,9 @@ AllReduceOptions FastOptions(size_t part_elements = 64) {
   return options;
 }
 
-TEST(AllReduce, ExactWeightedMeanFor2To8Peers) {
+TEST(AllReduce, ExactWeightedMeanFor2To16Peers) {
   std::mt19937 rng(7);
-  for (int n = 2; n <= 8; ++n) {
+  for (int n : {2, 3, 4, 5, 6, 7, 8, 12, 16}) {
     std::vector<MemberMode> modes(n, MemberMode::kNormal);
     auto peers = StartPeers(modes);
     ASSERT_EQ(peers.size(), static_cast<size_t>(n));
@@ -219,7 +219,7 @@ TEST(AllReduce, EncryptedLinksWithDefaultPartSize) {
   auto peers = StartPeers(modes, /*encryption=*/true);
   ASSERT_EQ(peers.size(), 3u);
   std::mt19937 rng(11);
-  // Spans several default-sized parts (128 Ki elements) per share.
+  // Spans several default-sized parts per share.
   auto inputs = RandomInputs(3, 3 * kDefaultPartElements + 12345, rng);
   std::vector<float> weights = {1.0f, 2.0f, 0.5f};
   Group group = MakeGroup(peers, modes, "encrypted");
