@@ -1501,7 +1501,10 @@ Result<AllReduceReport> Round::Run(std::vector<float>& data) {
       if (!read.ok()) {
         lock.lock();
         if (IsRefusal(read.status()) && !ShareFinalLocked(share) && owner_pos_[share] == 0) {
-          fatal_ = read.status().WithContext("refused by reducer " + Name(share));
+          // FAILED_PRECONDITION whatever the reducer's code: the refusal is a fact about this
+          // round, not a bad argument of this call (callers retry on it, e.g. the Python step).
+          fatal_ = Status(StatusCode::kFailedPrecondition,
+                          "refused by reducer " + Name(share) + ": " + read.status().ToString());
         } else {
           OwnerFailedLocked(share, 0, "stream failed: " + read.status().ToString(),
                             ConfirmsDeath(read.status()));

@@ -371,6 +371,8 @@ TEST(AllReduce, MembersThatCompressDifferentlyGetAClearError) {
       RunRound(peers, MakeGroup(peers, modes, "mismatch"), inputs, {1.0f, 1.0f}, options);
   for (int i = 0; i < 2; ++i) {
     ASSERT_FALSE(outcome.results[i]->ok()) << "member " << i;
+    // A peer's refusal: not a bad argument of this call (no ValueError in Python).
+    EXPECT_EQ(outcome.results[i]->status().code(), StatusCode::kFailedPrecondition);
     EXPECT_NE(outcome.results[i]->status().message().find("compresses other ranges"),
               std::string::npos)
         << outcome.results[i]->status().ToString();
