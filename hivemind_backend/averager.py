@@ -6,6 +6,11 @@ without the GIL). This module adds hivemind's argument names, the tensor handlin
 buffer for the wire, written back in each tensor's own dtype, with the ranges of compressed
 tensors marked in it), the lock that keeps steps and user writes apart, and the retry loop of
 ``step``.
+
+State sharing (docs/averaging.md, "State sharing") is C++ too (csrc/averaging/state_*: a donor
+serves published snapshots in checksummed chunks, a newcomer downloads them). This module decides
+what a snapshot holds (``get_current_state``) and when one is taken, keeps the priority records,
+and orders the donors.
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ import torch
 
 from hivemind_backend import _C
 from hivemind_backend import dht_values
+from hivemind_backend import state_sharing
+from hivemind_backend.arguments import dtype_name, seconds
 from hivemind_backend.compression import CODECS
 from hivemind_backend.dht import DHT
+from hivemind_backend.state_sharing import StateSharingMixin
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +50,6 @@ DEFAULT_ALLREDUCE_TIMEOUT = 60.0
 # Pause between two attempts after a failure, so a peer that fails at once does not spin.
 RETRY_PAUSE = 0.05
 
-
-def _seconds(name: str, value: Any, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be a {kind} number of seconds, got {value}")
-    return float(value)
 
 
 def _int(name: str, value: Any, minimum: int) -> int:
@@ -88,10 +88,6 @@ def _check_tensors(averaged_tensors: Any) -> tuple:
     return tuple(averaged_tensors)
 
 
-def _dtype_name(tensor: torch.Tensor) -> str:
-    return str(tensor.dtype).replace("torch.", "")
-
-
 def _codec_id(name: Any, where: str) -> int:
     if name is None:
         return CODECS["none"]
@@ -117,7 +113,7 @@ def _resolve_compression(compression: Any, tensors: Sequence[torch.Tensor]) -> l
         ids = [_codec_id(name, f"compression[{i}]") for i, name in enumerate(compression)]
     else:
         requested = _codec_id(compression, "compression")
-        ids = [_C._choose_codec(requested, t.numel(), _dtype_name(t)) for t in tensors]
+        ids = [_C._choose_codec(requested, t.numel(), dtype_name(t)) for t in tensors]
     names = {codec_id: name for name, codec_id in CODECS.items()}
     return [None if codec_id == CODECS["none"] else names[codec_id] for codec_id in ids]
 
@@ -140,7 +136,7 @@ def _schema_hash(tensors: Sequence[torch.Tensor], codecs: Sequence[Optional[str]
     the DHT key and is checked by the leader, so peers with different layouts never end up in
     one group, nor peers that compress differently (the all-reduce would refuse every round of
     theirs). Without compression it is the layout's hash alone, as before compression existed."""
-    schema = ";".join(f"{tuple(t.shape)}:{_dtype_name(t)}" for t in tensors)
+    schema = ";".join(f"{tuple(t.shape)}:{dtype_name(t)}" for t in tensors)
     if any(codecs):
         schema += "|codecs:" + ";".join(f"{i}={name}" for i, name in enumerate(codecs) if name)
     return hashlib.blake2b(schema.encode("ascii"), digest_size=32).digest()
@@ -156,7 +152,7 @@ def _bits_to_coordinates(bits: str, grid_side: int) -> list:
     return [int(bits[i:i + width], 2) for i in range(0, len(bits), width)]
 
 
-class DecentralizedAverager:
+class DecentralizedAverager(StateSharingMixin):
     """Averages ``averaged_tensors`` with the other peers of ``dht`` that use the same ``prefix``
     and tensor layout: each :meth:`step` finds a group through the DHT and replaces every tensor,
     in place, by the weighted mean over the group.
@@ -192,8 +188,19 @@ class DecentralizedAverager:
       except that the 16-bit codecs leave float16/bfloat16 tensors raw. A list or tuple: one name
       (or None) per tensor, applied as given. Peers average together only when they compress
       alike.
-    :param start: kept for hivemind compatibility; the averager is always ready at once (there
-      is no background process to start).
+    :param allow_state_sharing: let newcomers download this peer's state
+      (:meth:`get_current_state`) with :meth:`load_state_from_peers`. ``None``: True unless the
+      averager is in client mode or auxiliary, or another averager of the same DHT already shares
+      under this prefix. Can be changed later (``averager.allow_state_sharing = False``).
+    :param state_sharing_priority: newcomers download from the donor with the highest priority
+      (hivemind's optimizer sets its epoch here); equals are tried least loaded first, then at
+      random. Can be changed later.
+    :param declare_state_period: the DHT entries that make this peer a donor live this long and
+      are refreshed twice per period (default 30 s, as hivemind).
+    :param start: True: state sharing (snapshots and adverts, on a background thread) starts at
+      once. False: it starts with :meth:`run_in_background`, for subclasses whose
+      ``get_current_state`` needs attributes set after ``super().__init__``. Averaging itself is
+      ready at once either way.
     """
 
     def __init__(
@@ -215,9 +222,16 @@ class DecentralizedAverager:
         auxiliary: bool = False,
         initial_group_bits: str = "",
         compression: Union[None, str, Sequence[Optional[str]]] = None,
+        allow_state_sharing: Optional[bool] = None,
+        state_sharing_priority: float = 0.0,
+        declare_state_period: float = 30.0,
         start: bool = True,
     ):
-        del start  # nothing runs in the background; see the docstring
+        # First, so that shutdown() (run by __del__ when the constructor raises) finds them.
+        self._shutdown = threading.Event()
+        self._sharing_lock = threading.Lock()
+        self._sharer = None
+        self._loaders: set = set()
         self._tensors = _check_tensors(averaged_tensors)
         if not isinstance(dht, DHT):
             raise TypeError(f"dht must be a hivemind_backend.DHT, got {type(dht).__name__}")
@@ -230,7 +244,7 @@ class DecentralizedAverager:
             target_group_size = _int("target_group_size", target_group_size, min_group_size)
         if allreduce_timeout is None:
             allreduce_timeout = DEFAULT_ALLREDUCE_TIMEOUT
-        self._allreduce_timeout = _seconds("allreduce_timeout", allreduce_timeout)
+        self._allreduce_timeout = seconds("allreduce_timeout", allreduce_timeout)
         if client_mode is None:
             client_mode = dht.client_mode
         if auxiliary and client_mode:
@@ -249,6 +263,8 @@ class DecentralizedAverager:
         self._grid_side = target_group_size or 1
         coordinates = self._coordinates_from_bits(initial_group_bits)
         codecs = _resolve_compression(compression, self._tensors)
+        declare_state_period = state_sharing.validate_arguments(
+            allow_state_sharing, state_sharing_priority, declare_state_period)
 
         self.prefix = prefix
         self.target_group_size = target_group_size
@@ -275,10 +291,10 @@ class DecentralizedAverager:
             coordinates=coordinates,
             target_group_size=target_group_size or 0,
             min_group_size=min_group_size,
-            window=_seconds("min_matchmaking_time", min_matchmaking_time, allow_zero=True),
-            request_timeout=_seconds("request_timeout", request_timeout),
-            sender_timeout=_seconds("sender_timeout", sender_timeout),
-            reducer_timeout=_seconds("reducer_timeout", reducer_timeout),
+            window=seconds("min_matchmaking_time", min_matchmaking_time, allow_zero=True),
+            request_timeout=seconds("request_timeout", request_timeout),
+            sender_timeout=seconds("sender_timeout", sender_timeout),
+            reducer_timeout=seconds("reducer_timeout", reducer_timeout),
             part_elements=part_size_bytes // 4,
             bandwidth=float(bandwidth),
             mode=self.mode,
@@ -289,10 +305,15 @@ class DecentralizedAverager:
         # One step at a time per averager (hivemind's averager serialises them too).
         self._step_lock = threading.Lock()
         self._executor: Optional[ThreadPoolExecutor] = None
+        self._load_executor: Optional[ThreadPoolExecutor] = None
         self._executor_lock = threading.Lock()
-        self._shutdown = threading.Event()
         #: What the last step did: group, contributors, failures, error (see :meth:`step`).
         self.last_report: Optional[Dict[str, Any]] = None
+
+        # See "State sharing" in docs/averaging.md.
+        self._init_state_sharing(allow_state_sharing, state_sharing_priority, declare_state_period)
+        if start:
+            self.run_in_background()
 
     # ---- Moshpit grid position ----
 
@@ -389,7 +410,7 @@ class DecentralizedAverager:
         weight = float(weight)
         if not self.auxiliary and not (math.isfinite(weight) and 0 < weight <= 1e9):
             raise ValueError(f"weight must be finite and in (0, 1e9], got {weight}")
-        timeout = DEFAULT_STEP_TIMEOUT if timeout is None else _seconds("timeout", timeout)
+        timeout = DEFAULT_STEP_TIMEOUT if timeout is None else seconds("timeout", timeout)
         metadata = dht_values.encode(gather)
         if len(metadata) > MAX_GATHER_BYTES:
             raise ValueError(f"gather is {len(metadata)} bytes once encoded; the cap is "
@@ -455,6 +476,8 @@ class DecentralizedAverager:
                                              self._allreduce_timeout)
             if not self.auxiliary:
                 self._store_buffer()
+        if not self.auxiliary:
+            self._note_state_changed()
         gathered = {}
         for peer_id, raw in zip(peer_ids, formed.metadata):
             try:
@@ -496,13 +519,32 @@ class DecentralizedAverager:
     def shutdown(self) -> None:
         """Stops taking part in averaging; idempotent. The DHT itself keeps running. A step in
         progress on another thread returns None: at once if it is looking for a group, when its
-        all-reduce ends if it is averaging."""
+        all-reduce ends if it is averaging. This peer stops serving its state (downloads from it
+        stop at their next chunk and go on with another donor), and a load_state_from_peers in
+        progress returns None at once."""
         self._shutdown.set()
-        self._native.shutdown()
-        with self._executor_lock:
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=False)
+        with self._sharing_lock:
+            sharer, self._sharer = self._sharer, None
+            loaders = list(self._loaders)
+        wakeup = getattr(self, "_sharing_wakeup", None)
+        if wakeup is not None:
+            wakeup.set()
+        if sharer is not None:
+            sharer.stop()
+        for loader in loaders:
+            loader.cancel()
+        native = getattr(self, "_native", None)
+        if native is not None:
+            native.shutdown()
+        executor_lock = getattr(self, "_executor_lock", None)
+        if executor_lock is None:
+            return
+        with executor_lock:
+            executors = [self._executor, self._load_executor]
+            self._executor = self._load_executor = None
+        for executor in executors:
+            if executor is not None:
+                executor.shutdown(wait=False)
 
     def is_alive(self) -> bool:
         return not self._shutdown.is_set()

@@ -55,29 +55,6 @@ using averaging::MatchmakingOptions;
 using averaging::MemberMode;
 using dht::DhtRunner;
 
-// Raises the Python exception that matches `status` (see SetPythonError). GIL held.
-[[noreturn]] void Raise(const Status& status) {
-  SetPythonError(status);
-  throw py::error_already_set();
-}
-
-// Text from the network may not be valid UTF-8; never let that raise.
-py::str SafeStr(const std::string& text) {
-  PyObject* decoded =
-      PyUnicode_DecodeUTF8(text.data(), static_cast<Py_ssize_t>(text.size()), "replace");
-  if (decoded == nullptr) throw py::error_already_set();
-  return py::reinterpret_steal<py::str>(decoded);
-}
-
-std::chrono::milliseconds Millis(double seconds, const char* name, bool allow_zero = false) {
-  if (!std::isfinite(seconds) || seconds < 0 || (!allow_zero && seconds == 0)) {
-    Raise(Status(StatusCode::kInvalidArgument,
-                 std::string(name) + " must be a " + (allow_zero ? "non-negative" : "positive") +
-                     " number of seconds, got " + std::to_string(seconds)));
-  }
-  return std::chrono::milliseconds(static_cast<int64_t>(std::ceil(seconds * 1000)));
-}
-
 MemberMode ParseMode(const std::string& mode) {
   if (mode == "normal") return MemberMode::kNormal;
   if (mode == "client") return MemberMode::kClient;

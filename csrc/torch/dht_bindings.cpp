@@ -27,45 +27,6 @@ namespace {
 using dht::DhtRunner;
 using dht::DhtRunnerOptions;
 
-// A failed Status crossing into Python; translated (with the GIL held) by the translator below.
-class StatusError : public std::exception {
- public:
-  explicit StatusError(Status status) : status_(std::move(status)), text_(status_.ToString()) {}
-  const char* what() const noexcept override { return text_.c_str(); }
-  const Status& status() const { return status_; }
-
- private:
-  Status status_;
-  std::string text_;
-};
-
-[[noreturn]] void Throw(const Status& status) { throw StatusError(status); }
-
-void TranslateStatusError(std::exception_ptr error) {
-  try {
-    if (error) std::rethrow_exception(error);
-  } catch (const StatusError& e) {
-    SetPythonError(e.status());
-  }
-}
-
-// Text from the network or the OS may not be valid UTF-8; never let that raise.
-py::str SafeStr(const std::string& text) {
-  PyObject* decoded =
-      PyUnicode_DecodeUTF8(text.data(), static_cast<Py_ssize_t>(text.size()), "replace");
-  if (decoded == nullptr) throw py::error_already_set();
-  return py::reinterpret_steal<py::str>(decoded);
-}
-
-std::chrono::milliseconds Millis(double seconds, const char* name) {
-  if (!std::isfinite(seconds) || seconds <= 0) {
-    Throw(Status(StatusCode::kInvalidArgument, std::string(name) +
-                                                   " must be a positive number of seconds, got " +
-                                                   std::to_string(seconds)));
-  }
-  return std::chrono::milliseconds(static_cast<int64_t>(std::ceil(seconds * 1000)));
-}
-
 std::shared_ptr<DhtRunner> StartRunner(
     std::vector<std::string> initial_peers, std::vector<std::string> host_maddrs,
     std::vector<std::string> announce_maddrs, std::string identity_path, bool client_mode,
@@ -97,7 +58,7 @@ std::shared_ptr<DhtRunner> StartRunner(
   options.backoff_rate = backoff_rate;
   options.bucket_refresh_seconds = refresh_timeout;
   auto runner = DhtRunner::Start(std::move(options));
-  if (!runner.ok()) Throw(runner.status());
+  if (!runner.ok()) Raise(runner.status());
   return std::shared_ptr<DhtRunner>(std::move(runner).value());
 }
 
@@ -109,7 +70,7 @@ py::tuple Store(DhtRunner& runner, std::string key, std::string value, double ex
     py::gil_scoped_release release;
     result = runner.Store(std::move(key), std::move(value), expiration, std::move(subkey));
   }
-  if (!result.ok()) Throw(result.status());
+  if (!result.ok()) Raise(result.status());
   const Status& status = result->status;
   return py::make_tuple(status.ok(), StatusCodeName(status.code()), SafeStr(status.message()),
                         result->replicas);
@@ -122,7 +83,7 @@ py::object Get(DhtRunner& runner, std::string key, bool latest) {
     py::gil_scoped_release release;
     result = runner.Get(std::move(key), latest);
   }
-  if (!result.ok()) Throw(result.status());
+  if (!result.ok()) Raise(result.status());
   if (!result.value()) return py::none();
   const dht::DhtRunnerValue& value = *result.value();
   py::object regular = py::none();
@@ -150,30 +111,8 @@ py::dict Stats(const DhtRunner& runner) {
 
 }  // namespace
 
-void SetPythonError(const Status& status) {
-  PyObject* type = PyExc_RuntimeError;
-  std::string text = status.ToString();
-  switch (status.code()) {
-    case StatusCode::kInvalidArgument:
-    case StatusCode::kResourceExhausted:
-      // The caller's input: the message names the cause, the code would only add noise.
-      type = PyExc_ValueError;
-      text = status.message();
-      break;
-    case StatusCode::kDeadlineExceeded:
-      type = PyExc_TimeoutError;
-      break;
-    case StatusCode::kPermissionDenied:
-      type = PyExc_PermissionError;
-      break;
-    default:
-      break;
-  }
-  PyErr_SetString(type, text.c_str());
-}
-
 void RegisterDhtBindings(py::module_& m) {
-  py::register_exception_translator(&TranslateStatusError);
+  RegisterErrorTranslation();
 
   py::class_<DhtRunner, std::shared_ptr<DhtRunner>>(
       m, "_DhtRunner",

@@ -23,5 +23,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Version of the libsodium loaded in this process.");
   hivemind::python::RegisterDhtBindings(m);
   hivemind::python::RegisterAveragingBindings(m);
+  hivemind::python::RegisterStateSharingBindings(m);
   hivemind::python::RegisterC10dBindings(m);
 }
