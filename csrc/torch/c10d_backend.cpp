@@ -849,8 +849,8 @@ void HivemindBackend::MeanAllReduce(std::vector<at::Tensor>& tensors, c10d::Redu
     at::Tensor slice = flat.narrow(0, offset, tensor.numel());
     slice.copy_(tensor.reshape({-1}));
     if (scale != 1.0) slice.mul_(scale);
-    averaging::CodecSpec spec = averaging::ChooseCodec(
-        static_cast<uint64_t>(tensor.numel()), averaging::TensorRole::kGradient, policy);
+    averaging::CodecSpec spec = averaging::ChooseCodec(static_cast<uint64_t>(tensor.numel()),
+                                                       averaging::TensorRole::kGradient, policy);
     if (spec.id != averaging::CodecId::kNone) {
       codecs.push_back({static_cast<size_t>(offset), static_cast<size_t>(tensor.numel()), spec});
     }
