@@ -145,6 +145,43 @@ TEST(KilledPeerTest, PendingStreamReadFailsWithUnavailableSoonAfterTheKill) {
   EXPECT_FALSE(write.ok());
 }
 
+// Node::Shutdown in a process that goes on (Python's DHT.shutdown(), a test's "kill") must look to
+// the peers like a death: its connections close, so their streams fail at once.
+TEST(KilledPeerTest, AShutDownNodeInALiveProcessLooksDeadToItsPeers) {
+  for (bool peer_dialed_first : {false, true}) {
+    SCOPED_TRACE(peer_dialed_first ? "the peer dialed first" : "the client dialed first");
+    auto server = StartNode();
+    auto client = StartNode();
+    ASSERT_NE(server, nullptr);
+    ASSERT_NE(client, nullptr);
+    test::Notification served;
+    server->RegisterStream("hold", [&](const CallContext&, Stream& stream) {
+      stream.Write(Message("ready"));
+      served.Notify();
+      stream.Read().WaitFor(Milliseconds(60000));
+      return Status::Ok();
+    });
+    client->RegisterUnary(
+        "ping", [](const CallContext&, Message, Responder respond) { respond(Message("pong")); });
+    if (peer_dialed_first) {
+      auto pong = Await(server->Call(client->visible_address(), "ping", Message("x")));
+      ASSERT_TRUE(pong.ok()) << pong.status().ToString();
+    }
+    auto stream =
+        client->OpenStream(server->visible_address(), "hold", CallOptions{Milliseconds(60000)});
+    auto first = Await(stream->Read());
+    ASSERT_TRUE(first.ok() && first->has_value()) << first.status().ToString();
+    ASSERT_TRUE(served.WaitFor(Milliseconds(5000)));
+    auto pending = stream->Read();
+    auto shut_at = Clock::now();
+    server->Shutdown();  // the object stays alive, as in a process that goes on
+    auto read = Await(pending, Milliseconds(10000));
+    ASSERT_FALSE(read.ok());
+    EXPECT_EQ(read.status().code(), StatusCode::kUnavailable) << read.status().ToString();
+    EXPECT_LT(SecondsSince(shut_at), 2.0) << read.status().ToString();
+  }
+}
+
 TEST(KilledPeerTest, CallingTheDeadPeerAgainFailsWithinTheConnectTimeout) {
   PeerProcess peer = SpawnServerPeer();
   ASSERT_NE(peer.process, nullptr);
