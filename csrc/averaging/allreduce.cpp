@@ -1305,7 +1305,11 @@ void Round::CheckTimersLocked(Clock::time_point now) {
     if (partition_.num_parts(share) == 0 || ShareFinalLocked(share)) continue;
     std::vector<int> chain = Chain(share);
     if (chain[owner_pos_[share]] == me_) continue;  // my own reduction: bounded by sender timeouts
-    if (now - progress_[share] >= options_.reducer_timeout) {
+    if (dead_.count(chain[owner_pos_[share]]) > 0) {
+      // Seen dead on another stream (as a sender to this peer, say) while this one was being
+      // opened again: take over now rather than after reducer_timeout.
+      OwnerFailedLocked(share, owner_pos_[share], "seen dead on another stream", true);
+    } else if (now - progress_[share] >= options_.reducer_timeout) {
       OwnerFailedLocked(share, owner_pos_[share], "no result for " + Ms(options_.reducer_timeout));
     }
   }
@@ -1493,7 +1497,13 @@ Result<AllReduceReport> Round::Run(std::vector<float>& data) {
     lock.unlock();
     for (auto& [share, channel] : readable) {
       Result<std::optional<Message>> read = channel->pending.Wait();
-      if (!read.ok() && ShouldRetry(read.status(), *channel)) {
+      bool known_dead = false;
+      if (!read.ok()) {
+        std::lock_guard<std::mutex> guard(mutex_);
+        known_dead = dead_.count(share) > 0;
+      }
+      // A lost connection may be spurious (see ShouldRetry), unless the peer died for sure.
+      if (!read.ok() && !known_dead && ShouldRetry(read.status(), *channel)) {
         OpenSenderStream(share, channel);
         continue;
       }
