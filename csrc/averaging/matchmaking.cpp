@@ -11,9 +11,10 @@
 #include <sstream>
 #include <utility>
 
+#include "averaging/matchmaking_env.h"
+#include "averaging/matchmaking_env_dht.h"
 #include "common/future.h"
 #include "common/logging.h"
-#include "dht/dht_runner.h"
 #include "net/address.h"
 #include "net/message.h"
 #include "net/node.h"
@@ -247,9 +248,9 @@ namespace {
 // Everything FormGroup needs while it runs; one per call.
 class SearchRun {
  public:
-  SearchRun(dht::DhtRunner& dht, std::shared_ptr<Matchmaker::Shared> shared,
+  SearchRun(MatchmakingEnv& env, std::shared_ptr<Matchmaker::Shared> shared,
             std::shared_ptr<Search> search)
-      : dht_(dht), node_(dht.node()), shared_(std::move(shared)), search_(std::move(search)) {}
+      : env_(env), shared_(std::move(shared)), search_(std::move(search)) {}
 
   Result<FormedGroup> Run();
 
@@ -260,6 +261,21 @@ class SearchRun {
 
   Status Declare();
   void Retract();
+  // One DHT entry under the group key, parsed. Kept between reads, which come every
+  // poll_period, so that an unchanged declaration is not parsed again: a peer id is base58, whose
+  // decoding is quadratic, and decoding every declaration at every read dominated the CPU time of
+  // a 1024-peer simulation.
+  struct ParsedEntry {
+    std::string value;   // what was parsed
+    bool valid = false;  // the subkey names an owner and the value is a Declaration
+    net::PeerId peer;
+    uint64_t search_id = 0;
+    bool leaving = false;
+    bool may_lead = false;  // not a client, and a finite declared time: `candidate` is set
+    Candidate candidate;
+    uint64_t last_read = 0;
+  };
+  static ParsedEntry ParseEntry(const std::string& subkey, const std::string& value);
   void ReadDeclarations();
   std::optional<Candidate> NextCandidate();
   Attempt TryJoin(const Candidate& candidate);
@@ -290,8 +306,7 @@ class SearchRun {
     if (notes_.size() < 8) notes_.push_back(std::move(text));
   }
 
-  dht::DhtRunner& dht_;
-  net::Node& node_;
+  MatchmakingEnv& env_;
   std::shared_ptr<Matchmaker::Shared> shared_;
   std::shared_ptr<Search> search_;
 
@@ -304,7 +319,9 @@ class SearchRun {
   std::map<std::pair<net::PeerId, uint64_t>, Candidate> known_;  // live declarations of others
   std::set<std::pair<net::PeerId, uint64_t>> done_with_;         // never ask again this search
   std::map<std::pair<net::PeerId, uint64_t>, SteadyClock::time_point> retry_after_;
-  std::vector<Candidate> suggested_;  // redirects: asked before anything else
+  std::vector<Candidate> suggested_;           // redirects: asked before anything else
+  std::map<std::string, ParsedEntry> parsed_;  // by subkey
+  uint64_t reads_ = 0;
   size_t declarations_seen_ = 0;
   std::vector<std::string> notes_;
 };
@@ -314,9 +331,10 @@ Status SearchRun::Declare() {
   for (const auto& a : my_addresses_) declaration.add_addresses(a);
   declaration.set_declared_time(search_->declared_time);
   declaration.set_search_id(search_->search_id);
-  declaration.set_client_mode(dht_.client_mode());
-  auto future = dht_.StoreAsync(options().group_key, declaration.SerializeAsString(), expiration_,
-                                dht_.owner_marker() + Hex64(search_->search_id));
+  declaration.set_client_mode(env_.client_mode());
+  auto future =
+      env_.StoreSubkey(options().group_key, env_.owner_marker() + Hex64(search_->search_id),
+                       declaration.SerializeAsString(), expiration_);
   auto stored = future.WaitFor(milliseconds(MsUntil(deadline_)));
   if (!stored) {
     future.Cancel();
@@ -338,42 +356,64 @@ void SearchRun::Retract() {
   leaving.set_declared_time(search_->declared_time);
   leaving.set_search_id(search_->search_id);
   leaving.set_leaving(true);
-  dht_.StoreAsync(options().group_key, leaving.SerializeAsString(), expiration_ + 0.001,
-                  dht_.owner_marker() + Hex64(search_->search_id));
+  env_.StoreSubkey(options().group_key, env_.owner_marker() + Hex64(search_->search_id),
+                   leaving.SerializeAsString(), expiration_ + 0.001);
+}
+
+SearchRun::ParsedEntry SearchRun::ParseEntry(const std::string& subkey, const std::string& value) {
+  ParsedEntry parsed;
+  parsed.value = value;
+  const size_t open = subkey.find(kOwnerTag);
+  const size_t close = subkey.find(']', open);
+  if (open == std::string::npos || close == std::string::npos) return parsed;
+  const size_t id_begin = open + sizeof(kOwnerTag) - 1;
+  auto peer = net::PeerId::FromString(subkey.substr(id_begin, close - id_begin));
+  wire::Declaration declaration;
+  if (!peer.ok() || !declaration.ParseFromString(value)) return parsed;
+  parsed.valid = true;
+  parsed.peer = *peer;
+  parsed.search_id = declaration.search_id();
+  parsed.leaving = declaration.leaving();
+  parsed.may_lead = !declaration.client_mode() && std::isfinite(declaration.declared_time());
+  if (parsed.may_lead) {
+    parsed.candidate.peer = *peer;
+    parsed.candidate.search_id = declaration.search_id();
+    parsed.candidate.declared_time = declaration.declared_time();
+    parsed.candidate.address = AddressOf(*peer, declaration.addresses());
+    parsed.candidate.addresses.assign(declaration.addresses().begin(),
+                                      declaration.addresses().end());
+  }
+  return parsed;
 }
 
 void SearchRun::ReadDeclarations() {
-  auto future = dht_.GetAsync(options().group_key, /*latest=*/true);
+  auto future = env_.GetLatest(options().group_key);
   auto got = future.WaitFor(milliseconds(MsUntil(deadline_)));
   if (!got) {
     future.Cancel();
     return;
   }
   if (!got->ok() || !got->value()) return;
+  ++reads_;
   size_t live = 0;
   for (const auto& [subkey, entry] : got->value()->dictionary) {
-    const size_t open = subkey.find(kOwnerTag);
-    const size_t close = subkey.find(']', open);
-    if (open == std::string::npos || close == std::string::npos) continue;
-    const size_t id_begin = open + sizeof(kOwnerTag) - 1;
-    auto peer = net::PeerId::FromString(subkey.substr(id_begin, close - id_begin));
-    wire::Declaration declaration;
-    if (!peer.ok() || !declaration.ParseFromString(entry.value)) continue;
-    const auto id = std::make_pair(*peer, declaration.search_id());
-    if (declaration.leaving()) {
+    auto [cached, inserted] = parsed_.try_emplace(subkey);
+    ParsedEntry& parsed = cached->second;
+    if (inserted || parsed.value != entry.value) parsed = ParseEntry(subkey, entry.value);
+    parsed.last_read = reads_;
+    if (!parsed.valid) continue;
+    const auto id = std::make_pair(parsed.peer, parsed.search_id);
+    if (parsed.leaving) {
       known_.erase(id);
       continue;
     }
     ++live;
-    if (*peer == search_->me) continue;
-    if (declaration.client_mode() || !std::isfinite(declaration.declared_time())) continue;
-    Candidate candidate;
-    candidate.peer = *peer;
-    candidate.search_id = declaration.search_id();
-    candidate.declared_time = declaration.declared_time();
-    candidate.address = AddressOf(*peer, declaration.addresses());
-    candidate.addresses.assign(declaration.addresses().begin(), declaration.addresses().end());
-    known_[id] = std::move(candidate);
+    if (parsed.peer == search_->me || !parsed.may_lead) continue;
+    known_[id] = parsed.candidate;
+  }
+  // Entries gone from the DHT (expired) are forgotten here, so the cache stays as big as the key.
+  for (auto it = parsed_.begin(); it != parsed_.end();) {
+    it = it->second.last_read == reads_ ? std::next(it) : parsed_.erase(it);
   }
   declarations_seen_ = std::max(declarations_seen_, live);
 }
@@ -396,7 +436,7 @@ std::optional<Candidate> SearchRun::NextCandidate() {
     // Peers only ask earlier peers, so requests never loop. Nobody asks a client-mode peer (it
     // cannot be dialed), so a client asks every other peer, earliest first, or it would be left
     // out whenever it declared first.
-    if (!dht_.client_mode() &&
+    if (!env_.client_mode() &&
         !Before(c.declared_time, c.peer, search_->declared_time, search_->me)) {
       continue;
     }
@@ -422,8 +462,7 @@ void SearchRun::Disband(std::vector<Follower> followers, const Candidate* sugges
     google::protobuf::RepeatedPtrField<std::string> addresses(f.addresses.begin(),
                                                               f.addresses.end());
     // Fire and forget: the follower also gives up on its own when no group comes.
-    node_.Call(AddressOf(f.peer, addresses), kGroupMethod, Encode(message),
-               net::CallOptions{RequestTimeout()});
+    env_.Call(AddressOf(f.peer, addresses), kGroupMethod, Encode(message), RequestTimeout());
   }
 }
 
@@ -454,8 +493,7 @@ SearchRun::Attempt SearchRun::TryJoin(const Candidate& candidate) {
   request.set_metadata(options().metadata);
   request.set_leader_search_id(candidate.search_id);
   const auto timeout = RequestTimeout();
-  auto call =
-      node_.Call(candidate.address, kJoinMethod, Encode(request), net::CallOptions{timeout});
+  auto call = env_.Call(candidate.address, kJoinMethod, Encode(request), timeout);
   auto answer = call.WaitFor(timeout + milliseconds(50));
   if (!answer) call.Cancel();
   wire::JoinReply reply;
@@ -520,7 +558,7 @@ SearchRun::Attempt SearchRun::TryJoin(const Candidate& candidate) {
     wire::LeaveRequest leave;
     leave.set_group_key(options().group_key);
     leave.set_search_id(search_->search_id);
-    node_.Call(candidate.address, kLeaveMethod, Encode(leave), net::CallOptions{RequestTimeout()});
+    env_.Call(candidate.address, kLeaveMethod, Encode(leave), RequestTimeout());
     done_with_.insert(id);
     Note("leader " + candidate.peer.ShortString() + " accepted us but sent no group within " +
          std::to_string(reply.seal_within_ms() + options().request_timeout.count()) + " ms");
@@ -624,8 +662,8 @@ Result<FormedGroup> SearchRun::Seal() {
     if (members[i].peer == search_->me) continue;
     message.set_follower_search_id(members[i].search_id);
     handouts.emplace_back(static_cast<int>(i),
-                          node_.Call(formed->group.members[i].address, kGroupMethod,
-                                     Encode(message), net::CallOptions{RequestTimeout()}));
+                          env_.Call(formed->group.members[i].address, kGroupMethod, Encode(message),
+                                    RequestTimeout()));
   }
   // Waiting for the acknowledgements costs one round trip, and tells the caller who may be missing.
   for (auto& [index, future] : handouts) {
@@ -666,7 +704,7 @@ Result<FormedGroup> SearchRun::Run() {
   deadline_ = start_ + options().timeout;
   const double timeout_s = std::chrono::duration<double>(options().timeout).count();
   expiration_ = search_->declared_time + timeout_s + 1.0;
-  if (!dht_.client_mode()) my_addresses_ = node_.visible_address().ToStrings();
+  if (!env_.client_mode()) my_addresses_ = env_.visible_addresses();
   {
     std::lock_guard<std::mutex> lock(shared_->mutex);
     search_->seal_deadline = start_ + options().window;
@@ -696,7 +734,7 @@ Result<FormedGroup> SearchRun::Run() {
     // Nobody earlier takes us (yet): we lead. Seal when full, or when the window is over and the
     // group is big enough; otherwise wait for a follower, the next read, or the end.
     // A peer whose DHT (and so its node) was shut down cannot hand out a group any more.
-    const bool dht_running = dht_.is_running();
+    const bool dht_running = env_.is_running();
     std::unique_lock<std::mutex> lock(shared_->mutex);
     if (shared_->closed || search_->Cancelled() || !dht_running) {
       search_->role = Role::kDone;
@@ -746,13 +784,16 @@ Result<FormedGroup> SearchRun::Run() {
 
 }  // namespace
 
-Matchmaker::Matchmaker(dht::DhtRunner& dht) : dht_(dht), shared_(std::make_shared<Shared>()) {
+Matchmaker::Matchmaker(dht::DhtRunner& dht)
+    : Matchmaker(std::make_shared<DhtRunnerMatchmakingEnv>(dht)) {}
+
+Matchmaker::Matchmaker(std::shared_ptr<MatchmakingEnv> env)
+    : env_(std::move(env)), shared_(std::make_shared<Shared>()) {
   // The handlers hold the shared state, not the Matchmaker: a call that arrives after the
   // Matchmaker is gone finds `closed` and is refused.
   std::weak_ptr<Shared> weak = shared_;
-  auto& node = dht_.node();
-  node.RegisterUnary(kJoinMethod, [weak](const net::CallContext& ctx, net::Message request,
-                                         net::Responder respond) {
+  env_->RegisterUnary(kJoinMethod, [weak](const net::CallContext& ctx, net::Message request,
+                                          net::Responder respond) {
     auto shared = weak.lock();
     wire::JoinRequest parsed;
     wire::JoinReply reply;
@@ -765,8 +806,8 @@ Matchmaker::Matchmaker(dht::DhtRunner& dht) : dht_(dht), shared_(std::make_share
     }
     respond(Encode(reply));
   });
-  node.RegisterUnary(kGroupMethod, [weak](const net::CallContext& ctx, net::Message request,
-                                          net::Responder respond) {
+  env_->RegisterUnary(kGroupMethod, [weak](const net::CallContext& ctx, net::Message request,
+                                           net::Responder respond) {
     auto shared = weak.lock();
     wire::GroupMessage parsed;
     wire::GroupAck ack;
@@ -775,8 +816,8 @@ Matchmaker::Matchmaker(dht::DhtRunner& dht) : dht_(dht), shared_(std::make_share
     }
     respond(Encode(ack));
   });
-  node.RegisterUnary(kLeaveMethod, [weak](const net::CallContext& ctx, net::Message request,
-                                          net::Responder respond) {
+  env_->RegisterUnary(kLeaveMethod, [weak](const net::CallContext& ctx, net::Message request,
+                                           net::Responder respond) {
     auto shared = weak.lock();
     wire::LeaveRequest parsed;
     if (shared && parsed.ParseFromString(request.header)) shared->OnLeave(ctx, parsed);
@@ -821,15 +862,15 @@ Result<FormedGroup> Matchmaker::FormGroup(const MatchmakingOptions& options) {
                   "matchmaking timeout, request_timeout and poll_period must be positive and the "
                   "window non-negative");
   }
-  if (dht_.client_mode() && options.mode != MemberMode::kClient) {
+  if (env_->client_mode() && options.mode != MemberMode::kClient) {
     return Status(StatusCode::kInvalidArgument,
                   "a client-mode DHT peer can only join groups as MemberMode::kClient");
   }
   auto search = std::make_shared<Search>();
   search->options = options;
-  search->me = dht_.node().peer_id();
+  search->me = env_->peer_id();
   search->search_id = RandomU64() | 1;  // never 0, which means "any" on the wire
-  search->declared_time = dht::DhtNow();
+  search->declared_time = env_->Now();
   {
     std::lock_guard<std::mutex> lock(shared_->mutex);
     if (shared_->closed) return Status(StatusCode::kCancelled, "the matchmaker was shut down");
@@ -839,7 +880,7 @@ Result<FormedGroup> Matchmaker::FormGroup(const MatchmakingOptions& options) {
                     "a search under group key '" + options.group_key + "' is already running");
     }
   }
-  SearchRun run(dht_, shared_, search);
+  SearchRun run(*env_, shared_, search);
   auto result = run.Run();
   {
     std::lock_guard<std::mutex> lock(shared_->mutex);

@@ -33,6 +33,8 @@ class DhtRunner;
 
 namespace hivemind::averaging {
 
+class MatchmakingEnv;
+
 struct MatchmakingOptions {
   // Where to declare: GroupKeyManager::CurrentKey() (run id + schema + grid coordinates).
   std::string group_key;
@@ -77,12 +79,16 @@ struct FormedGroup {
   double seconds = 0;  // how long FormGroup took
 };
 
-// Serves and runs matchmaking for one peer on the net::Node of `dht`. Registers the
-// "matchmaking.v1.*" methods on that node: one Matchmaker per DhtRunner. Thread-safe; several
-// FormGroup calls may run at once as long as their group keys differ.
+// Serves and runs matchmaking for one peer: declares in its DHT and registers the
+// "matchmaking.v1.*" methods on its node (through a MatchmakingEnv, matchmaking_env.h), so one
+// Matchmaker per DhtRunner. Thread-safe; several FormGroup calls may run at once as long as their
+// group keys differ.
 class Matchmaker {
  public:
+  // A real peer: `dht` (which must outlive the Matchmaker) and its node.
   explicit Matchmaker(dht::DhtRunner& dht);
+  // Any peer that offers what matchmaking_env.h lists, e.g. one of a SimMatchmakingWorld's.
+  explicit Matchmaker(std::shared_ptr<MatchmakingEnv> env);
   // Ends the searches in progress (they fail with CANCELLED); later requests are refused.
   ~Matchmaker();
   Matchmaker(const Matchmaker&) = delete;
@@ -101,7 +107,7 @@ class Matchmaker {
   struct Shared;
 
  private:
-  dht::DhtRunner& dht_;
+  std::shared_ptr<MatchmakingEnv> env_;
   std::shared_ptr<Shared> shared_;
 };
 
