@@ -326,14 +326,15 @@ TEST(SimMatchmakingWorld, CallsTimeOutAndKilledPeersAreUnreachable) {
 }
 
 // First come, first served: the earliest leader not yet sealed fills to the target before any later
-// peer gathers a group, and every peer has declared long before the first window ends, so N =
-// k x target peers make k full groups. The bound allows two short groups, for one early split: a
-// peer that read the declarations before an earlier one's landed gathers followers until its next
-// read, and those it then disbands may find the groups they fall back to sealed.
+// peer gathers a group, so when every peer has declared before the first window ends, N =
+// k x target peers make k full groups (what a quiet plain build shows: all 16 full). Peers that
+// read the declarations before an earlier one's landed gather followers until their next read, and
+// those they then disband may find the groups they fall back to sealed: on a loaded machine or
+// under the sanitizers (256 declarations take seconds there) a few short groups appear (4 of 18
+// in one sanitizer run). The floor: three quarters of the peers end in full groups.
 void ExpectMostlyFull(const std::vector<size_t>& sizes, size_t peers, size_t target) {
   const size_t full = std::count(sizes.begin(), sizes.end(), target);
-  EXPECT_GE(full, sizes.size() - 2);
-  EXPECT_GE(full, peers / target - 2);
+  EXPECT_GE(full * target * 4, peers * 3) << full << " full groups of " << target;
 }
 
 TEST_F(MatchmakingScaleTest, TwoHundredFiftySixPeersUnderOneKeySplitIntoFullGroupsOfSixteen) {

@@ -15,6 +15,7 @@
 #include "averaging/group_key.h"
 #include "averaging/matchmaking.h"
 #include "dht/dht_runner.h"
+#include "test_util.h"
 
 namespace hivemind::averaging {
 namespace {
@@ -73,16 +74,18 @@ class MoshpitTest : public ::testing::Test {
         options.schema_hash = "three-floats";
         options.target_group_size = side;
         options.min_group_size = side;
-        options.window = milliseconds(2000);
-        options.timeout = milliseconds(30000);
-        options.request_timeout = milliseconds(2000);
+        // 64 peers' threads share 2 cores here, several times slower under the sanitizers: a
+        // leader that waited too little for a follower's confirmation would seal without it.
+        options.window = milliseconds(2000) * test::kSlowdown;
+        options.timeout = milliseconds(30000) * test::kSlowdown;
+        options.request_timeout = milliseconds(2000) * test::kSlowdown;
         auto formed = peer.matchmaker->FormGroup(options);
         if (!formed.ok()) {
           errors[i] = "matchmaking: " + formed.status().ToString();
           return;
         }
         AllReduceOptions round;
-        round.timeout = milliseconds(30000);
+        round.timeout = milliseconds(30000) * test::kSlowdown;
         auto averaged = peer.allreduce->AllReduce(formed->group, peer.values, 1.0f, round);
         if (!averaged.ok()) {
           errors[i] = "all-reduce: " + averaged.status().ToString();
