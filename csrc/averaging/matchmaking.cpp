@@ -30,6 +30,8 @@ using std::chrono::milliseconds;
 constexpr char kJoinMethod[] = "matchmaking.v1.join";
 constexpr char kGroupMethod[] = "matchmaking.v1.group";
 constexpr char kLeaveMethod[] = "matchmaking.v1.leave";
+// Answered by any live matchmaker: a follower checks on its leader while it waits for the group.
+constexpr char kAliveMethod[] = "matchmaking.v1.alive";
 constexpr char kOwnerTag[] = "[owner:";
 
 uint64_t RandomU64() {
@@ -538,20 +540,37 @@ SearchRun::Attempt SearchRun::TryJoin(const Candidate& candidate) {
   const auto wait_until =
       std::min(deadline_, SteadyClock::now() + milliseconds(reply.seal_within_ms()) +
                               options().request_timeout);
+  // A leader that dies says nothing, so its followers check on it every request_timeout: they
+  // all learn of the death at about the same time and regroup together, instead of each waiting
+  // out the seal time it promised (and forming groups with whoever timed out at the same moment).
   std::optional<wire::GroupMessage> message;
-  {
-    std::unique_lock<std::mutex> lock(shared_->mutex);
-    search_->changed.wait_until(lock, wait_until, [&] {
-      return search_->from_leader.has_value() || shared_->closed || search_->Cancelled();
-    });
-    message = search_->from_leader;
-    if (shared_->closed || search_->Cancelled()) {
-      search_->role = Role::kDone;
-      Attempt attempt;
-      attempt.finished = Result<FormedGroup>(
-          Status(StatusCode::kCancelled,
-                 shared_->closed ? "the matchmaker was shut down" : "the search was cancelled"));
-      return attempt;
+  bool leader_died = false;
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(shared_->mutex);
+      const auto wake = std::min(wait_until, SteadyClock::now() + options().request_timeout);
+      search_->changed.wait_until(lock, wake, [&] {
+        return search_->from_leader.has_value() || shared_->closed || search_->Cancelled();
+      });
+      message = search_->from_leader;
+      if (shared_->closed || search_->Cancelled()) {
+        search_->role = Role::kDone;
+        Attempt attempt;
+        attempt.finished = Result<FormedGroup>(
+            Status(StatusCode::kCancelled,
+                   shared_->closed ? "the matchmaker was shut down" : "the search was cancelled"));
+        return attempt;
+      }
+      if (message || SteadyClock::now() >= wait_until) break;
+    }
+    auto alive =
+        env_.Call(candidate.address, kAliveMethod, net::Message(), RequestTimeout()).Wait();
+    // Only a refused connection proves death; a slow answer or an older peer proves nothing.
+    if (!alive.ok() && alive.status().code() == StatusCode::kUnavailable) {
+      std::lock_guard<std::mutex> lock(shared_->mutex);
+      message = search_->from_leader;  // it may have sent the group just before it died
+      leader_died = !message.has_value();
+      if (leader_died) break;
     }
   }
   if (!message) {
@@ -560,8 +579,11 @@ SearchRun::Attempt SearchRun::TryJoin(const Candidate& candidate) {
     leave.set_search_id(search_->search_id);
     env_.Call(candidate.address, kLeaveMethod, Encode(leave), RequestTimeout());
     done_with_.insert(id);
-    Note("leader " + candidate.peer.ShortString() + " accepted us but sent no group within " +
-         std::to_string(reply.seal_within_ms() + options().request_timeout.count()) + " ms");
+    Note(leader_died
+             ? "leader " + candidate.peer.ShortString() + " died after accepting us"
+             : "leader " + candidate.peer.ShortString() + " accepted us but sent no group within " +
+                   std::to_string(reply.seal_within_ms() + options().request_timeout.count()) +
+                   " ms");
     back_to_searching();
     std::lock_guard<std::mutex> lock(shared_->mutex);
     // We may lead now: give late followers a fresh window.
@@ -816,6 +838,8 @@ Matchmaker::Matchmaker(std::shared_ptr<MatchmakingEnv> env)
     }
     respond(Encode(ack));
   });
+  env_->RegisterUnary(kAliveMethod, [](const net::CallContext&, net::Message,
+                                       net::Responder respond) { respond(net::Message()); });
   env_->RegisterUnary(kLeaveMethod, [weak](const net::CallContext& ctx, net::Message request,
                                            net::Responder respond) {
     auto shared = weak.lock();
