@@ -12,8 +12,8 @@
 //      its window if it holds at least min_group_size, and sends every member the group: a random
 //      id, a shuffled order and everyone's metadata;
 //   5. a follower whose leader fails (it checks on it while waiting), refuses or disbands tries the
-//      next candidate or leads
-//      itself; at the overall timeout the search fails with an error that says why.
+//      next candidate or leads itself; at the overall timeout the search fails with an error that
+//      says why.
 //
 // This header includes no protobuf: the torch extension includes it.
 #pragma once
