@@ -170,6 +170,8 @@ class AllReduceService::Impl : public std::enable_shared_from_this<AllReduceServ
 
   Status Serve(const net::CallContext& context, Stream& stream, wire::Kind expected);
   Status Register(const std::shared_ptr<Round>& round);
+  // A registered round has finished and holds `bytes` for its grace period.
+  void Finished(const std::string& id, size_t bytes);
   // Releases the rounds past their grace period or beyond grace_bytes (and their buffers).
   void Sweep() {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -191,8 +193,18 @@ class AllReduceService::Impl : public std::enable_shared_from_this<AllReduceServ
   std::mutex mutex_;
   std::condition_variable registered_;
   std::map<std::string, std::shared_ptr<Round>> rounds_;
-  // Rounds released before their grace period ended, with when: refused at once, not waited for.
-  std::map<std::string, Clock::time_point> released_;
+  // Finished rounds in the order they finished, and what they hold: sweeping looks at the oldest
+  // only (a fast DDP run finishes hundreds of rounds a second).
+  struct FinishedRound {
+    Clock::time_point at;
+    std::string id;
+    size_t bytes = 0;
+  };
+  std::deque<FinishedRound> finished_;
+  size_t finished_bytes_ = 0;
+  // Rounds released before their grace period ended: refused at once, not waited for.
+  std::set<std::string> released_;
+  std::deque<std::pair<Clock::time_point, std::string>> released_order_;
   bool stopping_ = false;
 
   struct Worker {
@@ -233,9 +245,6 @@ class Round : public std::enable_shared_from_this<Round> {
   }
 
   const std::string& id() const { return group_.id; }
-  bool ExpiredLocked(Clock::time_point now, Millis grace) const {
-    return finished_ && now >= finished_at_ + grace;
-  }
   void Stop() {
     std::lock_guard<std::mutex> lock(mutex_);
     stopping_ = true;
@@ -342,7 +351,6 @@ class Round : public std::enable_shared_from_this<Round> {
   // results received from others (both pooled; contributors only).
   std::shared_ptr<std::vector<float>> share_results_;
   std::shared_ptr<std::vector<float>> results_;
-  size_t retained_bytes_ = 0;  // what the finished round holds during its grace period
 
   std::mutex mutex_;
   std::condition_variable cv_;
@@ -356,9 +364,7 @@ class Round : public std::enable_shared_from_this<Round> {
   std::map<std::pair<int, size_t>, std::shared_ptr<Reduction>> reductions_;
   std::vector<std::shared_ptr<Channel>> channels_;           // kept alive with the round
   std::map<int, std::shared_ptr<Channel>> sender_channels_;  // by share, read by Run()
-  bool finished_ = false;
   bool stopping_ = false;
-  Clock::time_point finished_at_;
   int takeovers_ = 0;
 
   friend class AllReduceService::Impl;
@@ -1552,18 +1558,16 @@ Result<AllReduceReport> Round::Run(std::vector<float>& data) {
     lock.lock();
   }
 
-  finished_ = true;
-  finished_at_ = Clock::now();
   if (stopping_ && !fatal_ && !DoneLocked()) {
     fatal_ = Status(StatusCode::kCancelled, "the averaging service stopped");
   }
   const size_t vector_bytes = partition_.total_elements() * sizeof(float);
   if (fatal_) {
     // The input stays: a backup may still collect this member's contribution.
-    retained_bytes_ = 2 * vector_bytes;
     Status status = *fatal_;
     auto channels = sender_channels_;
     lock.unlock();
+    if (auto service = service_.lock()) service->Finished(id(), 2 * vector_bytes);
     // Our reducers exclude us at once instead of waiting for a sender timeout.
     for (auto& [share, channel] : channels) channel->stream->Cancel();
     return status;
@@ -1571,7 +1575,6 @@ Result<AllReduceReport> Round::Run(std::vector<float>& data) {
   // Every part is final now, so collects are answered from the results; the input can go back
   // to the pool as soon as the transport has sent it.
   input_.reset();
-  retained_bytes_ = vector_bytes;
   AllReduceReport report;
   report.failed_members.assign(failed_.begin(), failed_.end());
   report.failures = failures_;
@@ -1587,6 +1590,8 @@ Result<AllReduceReport> Round::Run(std::vector<float>& data) {
           PartReport{part.begin, part.size, part.share, view.reduced_by, view.contributors});
     }
   }
+  lock.unlock();  // the service locks itself, then rounds: never the other way round
+  if (auto service = service_.lock()) service->Finished(id(), vector_bytes);
   return report;
 }
 
@@ -1594,32 +1599,31 @@ Result<AllReduceReport> Round::Run(std::vector<float>& data) {
 // Service
 
 void AllReduceService::Impl::SweepLocked() {
-  auto now = Clock::now();
-  for (auto it = released_.begin(); it != released_.end();) {
-    it = now >= it->second + options.grace_period ? released_.erase(it) : std::next(it);
-  }
-  // Finished rounds, oldest first, with what they hold.
-  std::vector<std::tuple<Clock::time_point, size_t, std::string>> finished;
-  size_t held = 0;
-  for (auto it = rounds_.begin(); it != rounds_.end();) {
-    std::lock_guard<std::mutex> round_lock(it->second->mutex_);
-    if (it->second->ExpiredLocked(now, options.grace_period)) {
-      it = rounds_.erase(it);
-      continue;
+  const auto now = Clock::now();
+  while (!finished_.empty()) {
+    const FinishedRound& oldest = finished_.front();
+    const bool expired = now >= oldest.at + options.grace_period;
+    const bool over_budget = finished_.size() > 1 && (finished_bytes_ > options.grace_bytes ||
+                                                      finished_.size() > options.grace_rounds);
+    if (!expired && !over_budget) break;
+    rounds_.erase(oldest.id);
+    if (!expired && released_.insert(oldest.id).second) {
+      released_order_.emplace_back(now, oldest.id);
     }
-    if (it->second->finished_) {
-      finished.emplace_back(it->second->finished_at_, it->second->retained_bytes_, it->first);
-      held += it->second->retained_bytes_;
-    }
-    ++it;
+    finished_bytes_ -= oldest.bytes;
+    finished_.pop_front();
   }
-  std::sort(finished.begin(), finished.end());
-  for (size_t i = 0; i + 1 < finished.size() && held > options.grace_bytes; ++i) {
-    const auto& [at, bytes, id] = finished[i];
-    rounds_.erase(id);
-    released_[id] = now;
-    held -= bytes;
+  while (!released_order_.empty() && now >= released_order_.front().first + options.grace_period) {
+    released_.erase(released_order_.front().second);
+    released_order_.pop_front();
   }
+}
+
+void AllReduceService::Impl::Finished(const std::string& id, size_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (stopping_ || rounds_.count(id) == 0) return;
+  finished_.push_back(FinishedRound{Clock::now(), id, bytes});
+  finished_bytes_ += bytes;
 }
 
 Status AllReduceService::Impl::Register(const std::shared_ptr<Round>& round) {

@@ -82,6 +82,8 @@ struct AllReduceServiceOptions {
   // bytes the oldest are released early (the newest one is always kept). A backup that asks a
   // released round is refused at once; it then reduces without that member's result.
   size_t grace_bytes = size_t{512} << 20;
+  // ... and beyond this many finished rounds (small rounds of a fast DDP run add up too).
+  size_t grace_rounds = 1024;
   // Idle buffers kept for the next rounds' input copies and reduced shares (at most 4 buffers).
   size_t pooled_bytes = size_t{1} << 30;
 };

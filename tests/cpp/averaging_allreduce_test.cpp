@@ -398,9 +398,9 @@ TEST(AllReduce, MembersThatCompressDifferentlyGetAClearError) {
             StatusCode::kInvalidArgument);
 }
 
-// Finished rounds hold their results for takeovers; past grace_bytes the oldest are released (the
-// newest is always kept), and the id of a released round stays refused.
-TEST(AllReduce, FinishedRoundsBeyondGraceBytesAreReleasedOldestFirst) {
+// Finished rounds hold their results for takeovers; past grace_bytes (or grace_rounds) the oldest
+// are released (the newest is always kept), and the id of a released round stays refused.
+void RunRoundsBeyondTheGraceBudget(bool by_bytes) {
   std::vector<MemberMode> modes(2, MemberMode::kNormal);
   std::vector<Peer> peers;
   for (size_t i = 0; i < modes.size(); ++i) {
@@ -408,7 +408,11 @@ TEST(AllReduce, FinishedRoundsBeyondGraceBytesAreReleasedOldestFirst) {
     peer.node = test::StartNode(Options(false));
     ASSERT_NE(peer.node, nullptr);
     AllReduceServiceOptions options = ServiceOptions();
-    options.grace_bytes = 1;
+    if (by_bytes) {
+      options.grace_bytes = 1;
+    } else {
+      options.grace_rounds = 1;
+    }
     peer.service = std::make_unique<AllReduceService>(*peer.node, options);
     peers.push_back(std::move(peer));
   }
@@ -428,6 +432,13 @@ TEST(AllReduce, FinishedRoundsBeyondGraceBytesAreReleasedOldestFirst) {
     auto reused = peers[0].service->AllReduce(again, data, 1.0f, FastOptions(40));
     EXPECT_EQ(reused.status().code(), StatusCode::kFailedPrecondition) << id;
     EXPECT_EQ(data, std::vector<float>(1000, 1.0f));
+  }
+}
+
+TEST(AllReduce, FinishedRoundsBeyondGraceBytesOrRoundsAreReleasedOldestFirst) {
+  for (bool by_bytes : {true, false}) {
+    SCOPED_TRACE(by_bytes ? "grace_bytes" : "grace_rounds");
+    RunRoundsBeyondTheGraceBudget(by_bytes);
   }
 }
 
