@@ -11,42 +11,14 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
+from averager_fixtures import averagers, local_dht, swarm  # noqa: F401  (fixtures)
 import torch
 
 import hivemind_backend.state_sharing as state_sharing_module
-from hivemind_backend import DHT, DecentralizedAverager, _C
+from hivemind_backend import DecentralizedAverager, _C
 
-LOCAL = ["/ip4/127.0.0.1/tcp/0"]
 SMALL_CHUNK = 256 << 10
 BIG = 8 << 20  # float32 elements: 32 MiB, 128 chunks of SMALL_CHUNK
-
-
-def local_dht(initial_peers=None, **kwargs) -> DHT:
-    return DHT(initial_peers, host_maddrs=LOCAL, wait_timeout=1.0, **kwargs)
-
-
-@pytest.fixture
-def swarm():
-    first = local_dht()
-    peers = [first] + [local_dht(first.get_visible_maddrs()) for _ in range(3)]
-    yield peers
-    for peer in peers:
-        peer.shutdown()
-
-
-@pytest.fixture
-def averagers():
-    """Makes averagers that are shut down at the end of the test."""
-    made = []
-
-    def make(*args, **kwargs):
-        averager = DecentralizedAverager(*args, **kwargs)
-        made.append(averager)
-        return averager
-
-    yield make
-    for averager in made:
-        averager.shutdown()
 
 
 @pytest.fixture
