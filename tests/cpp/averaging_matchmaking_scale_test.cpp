@@ -152,7 +152,11 @@ class MatchmakingScaleTest : public ::testing::Test {
     options.min_group_size = 2;
     options.window = milliseconds(1000) * test::kSlowdown;
     options.timeout = milliseconds(8000) * test::kSlowdown;
-    options.request_timeout = milliseconds(300) * test::kSlowdown;
+    // Squared: with hundreds of searches on the world's two delivery threads, a sanitizer build
+    // answers some joins after 0.9 s, and a peer whose join reply comes after its
+    // request_timeout is left out of the group that counted it (docs/matchmaking.md, "Known
+    // limits").
+    options.request_timeout = milliseconds(300) * test::kSlowdown * test::kSlowdown;
     return options;
   }
 
@@ -337,9 +341,13 @@ void ExpectMostlyFull(const std::vector<size_t>& sizes, size_t peers, size_t tar
   EXPECT_GE(full * target * 4, peers * 3) << full << " full groups of " << target;
 }
 
-TEST_F(MatchmakingScaleTest, TwoHundredFiftySixPeersUnderOneKeySplitIntoFullGroupsOfSixteen) {
-  StartSwarm(256);
-  ExpectMostlyFull(FormUnderOneKey(256, 16), 256, 16);
+// 256 peers; 128 under the sanitizers, where one key's O(N^2) walk (docs/matchmaking.md) is slow
+// enough at 256 that a peer sometimes reaches the last open leader after it sealed and ends alone
+// (1 run in 5 or so).
+TEST_F(MatchmakingScaleTest, HundredsOfPeersUnderOneKeySplitIntoFullGroupsOfSixteen) {
+  const size_t peers = test::kSlowdown > 1 ? 128 : 256;
+  StartSwarm(peers);
+  ExpectMostlyFull(FormUnderOneKey(peers, 16), peers, 16);
 }
 
 TEST_F(MatchmakingScaleTest, MoshpitOnASixteenBySixteenGridGivesEveryPeerTheExactMeanInTwoRounds) {
@@ -365,15 +373,12 @@ TEST_F(MatchmakingScaleTest, MoshpitOnAThirtyTwoByThirtyTwoGridGivesThousandPeer
   auto keys = MakeGrid(32);
   auto values = RandomIntegers(1024);
   const double mean = Mean(values, All(1024));
-  // 1024 searches share the world's two delivery threads: under the sanitizers a join's reply
-  // can come after the asker's request_timeout (it then gives up on a leader that accepted it:
-  // listed in the group, unconfirmed; 2 of 5 sanitizer runs), and the 32nd peer of a key can still
-  // be walking the earlier ones when the window ends. Groups seal at 32 at once; the longer
-  // timeouts only bound stragglers. docs/matchmaking.md, "Limits".
+  // 1024 searches share the world's two delivery threads: under the sanitizers the 32nd peer of
+  // a key can still be walking the earlier ones when the window ends. Groups seal at 32 at once;
+  // the longer timeouts only bound stragglers.
   MatchmakingOptions options = Options("", 32);
   options.window *= test::kSlowdown;
   options.timeout *= test::kSlowdown;
-  options.request_timeout *= test::kSlowdown;
   for (int round = 1; round <= 2; ++round) {
     auto results = MoshpitRound(keys, values, All(1024), 32, options);
     for (const auto& [peer, result] : results) {
