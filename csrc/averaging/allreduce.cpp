@@ -1311,11 +1311,7 @@ void Round::CheckTimersLocked(Clock::time_point now) {
     if (partition_.num_parts(share) == 0 || ShareFinalLocked(share)) continue;
     std::vector<int> chain = Chain(share);
     if (chain[owner_pos_[share]] == me_) continue;  // my own reduction: bounded by sender timeouts
-    if (dead_.count(chain[owner_pos_[share]]) > 0) {
-      // Seen dead on another stream (as a sender to this peer, say) while this one was being
-      // opened again: take over now rather than after reducer_timeout.
-      OwnerFailedLocked(share, owner_pos_[share], "seen dead on another stream", true);
-    } else if (now - progress_[share] >= options_.reducer_timeout) {
+    if (now - progress_[share] >= options_.reducer_timeout) {
       OwnerFailedLocked(share, owner_pos_[share], "no result for " + Ms(options_.reducer_timeout));
     }
   }
@@ -1503,13 +1499,7 @@ Result<AllReduceReport> Round::Run(std::vector<float>& data) {
     lock.unlock();
     for (auto& [share, channel] : readable) {
       Result<std::optional<Message>> read = channel->pending.Wait();
-      bool known_dead = false;
-      if (!read.ok()) {
-        std::lock_guard<std::mutex> guard(mutex_);
-        known_dead = dead_.count(share) > 0;
-      }
-      // A lost connection may be spurious (see ShouldRetry), unless the peer died for sure.
-      if (!read.ok() && !known_dead && ShouldRetry(read.status(), *channel)) {
+      if (!read.ok() && ShouldRetry(read.status(), *channel)) {
         OpenSenderStream(share, channel);
         continue;
       }
