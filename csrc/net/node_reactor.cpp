@@ -81,11 +81,6 @@ void NodeImpl::RunReactor() {
   router_monitor_.reset();
   router_.reset();
   zap_.reset();
-  // Every socket is closed (linger 0), but ZeroMQ's I/O thread lives as long as the context and
-  // keeps connections it accepted and had not handed to a socket yet: peers dialing this node
-  // would wait for their connect timeout instead of being refused. Terminating the context
-  // closes them, so a node shut down in a process that goes on looks dead at once.
-  context_.close();
   // Commands that arrived meanwhile see stopping_ and fail their promises.
   for (auto& command : commands_->Close()) command();
   UpdateConnectedPeers();
