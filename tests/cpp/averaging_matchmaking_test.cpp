@@ -299,17 +299,26 @@ TEST_F(MatchmakingTest, LeaderShutDownMidSearchLeavesTheOthersAGroupOrAClearErro
   ASSERT_TRUE(leader_result.has_value());
   EXPECT_FALSE(leader_result->ok());
   std::printf("  dead leader's own call: %s\n", leader_result->status().ToString().c_str());
+  // Usually all three regroup together. Under the sanitizers the orphans sometimes give up on
+  // the dead leader at different moments, two seal a pair and the third is left alone: the
+  // contract is a group without the dead leader, or a clear error naming what went wrong.
   std::string digest;
+  size_t grouped = 0;
   for (auto& r : others) {
     ASSERT_TRUE(r.has_value());
-    ASSERT_TRUE(r->ok()) << r->status().ToString();
-    EXPECT_EQ((*r)->group.members.size(), 3u);
+    if (!r->ok()) {
+      EXPECT_EQ(r->status().code(), StatusCode::kDeadlineExceeded) << r->status().ToString();
+      EXPECT_NE(r->status().message().find("run.leaderdies"), std::string::npos);
+      continue;
+    }
+    ++grouped;
     if (digest.empty()) digest = (*r)->group.Digest();
-    EXPECT_EQ((*r)->group.Digest(), digest);
+    EXPECT_EQ((*r)->group.Digest(), digest) << "the survivors must form one group";
     for (const auto& m : (*r)->group.members) {
       EXPECT_NE(m.address.peer_id.ToString(), runners_[1]->peer_id());
     }
   }
+  EXPECT_GE(grouped, 2u);
   std::printf("  survivors regrouped %.0f ms after the search began\n", seconds * 1000);
 }
 
