@@ -22,6 +22,11 @@ namespace hivemind::net {
 struct Link {
   enum class State { kConnecting, kReady, kDead };
 
+  Link() = default;
+  Link(const Link&) = delete;
+  Link& operator=(const Link&) = delete;
+  ~Link() { CloseSocket(); }
+
   uint64_t id = 0;
   bool outbound = false;
   State state = State::kConnecting;
@@ -65,6 +70,18 @@ struct Link {
   int inflight_requests = 0;
 
   bool HasOutput() const { return !control.empty() || !call_ring.empty() || !staged.empty(); }
+
+  // Closes an outbound link's socket and its monitor. libzmq's I/O thread sends monitor events
+  // with a blocking send, and a monitored socket goes on emitting events (a reconnect refused, a
+  // disconnection) while libzmq tears it down after zmq_close. Once our end of the monitor is
+  // closed, such an event blocks the I/O thread for good, and with it every connection of the
+  // node (seen when a peer died: its survivors' later connections all timed out). Stopping the
+  // monitor first means no event is ever sent to a closed reader.
+  void CloseSocket() {
+    if (socket) zmq_socket_monitor(socket->handle(), nullptr, 0);
+    socket.reset();
+    monitor.reset();
+  }
 };
 
 // Key of a call within a link's queues: call ids are chosen by the caller, so the direction

@@ -78,6 +78,8 @@ void NodeImpl::RunReactor() {
   for (auto& [key, call] : in_calls_) call.cancelled->store(true);
   in_calls_.clear();
   links_.clear();
+  // As for links (Link::CloseSocket): no monitor event may find its reader closed.
+  if (router_) zmq_socket_monitor(router_->handle(), nullptr, 0);
   router_monitor_.reset();
   router_.reset();
   zap_.reset();
@@ -801,6 +803,7 @@ Status NodeImpl::ConnectToCurrentEndpoint(Link& link) {
     monitor->set(zmq::sockopt::linger, 0);
     monitor->connect(monitor_name);
     socket->connect(endpoint.ZmqEndpoint());
+    link.CloseSocket();  // the previous attempt's
     link.socket = std::move(socket);
     link.monitor = std::move(monitor);
   } catch (const zmq::error_t& error) {
@@ -866,8 +869,7 @@ void NodeImpl::FailLink(Link& link, const Status& status) {
   link.call_ring.clear();
   link.control.clear();
   link.staged.clear();
-  link.monitor.reset();
-  link.socket.reset();
+  link.CloseSocket();
   if (!link.outbound) link_by_routing_id_.erase(link.routing_id);
   auto primary = link_by_peer_.find(link.peer);
   if (primary != link_by_peer_.end() && primary->second == link.id) {

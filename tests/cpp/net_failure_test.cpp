@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <iostream>
 #include <random>
+#include <thread>
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
 
@@ -202,6 +203,58 @@ TEST(KilledPeerTest, CallingTheDeadPeerAgainFailsWithinTheConnectTimeout) {
   ASSERT_FALSE(again.ok());
   EXPECT_EQ(again.status().code(), StatusCode::kUnavailable) << again.status().ToString();
   EXPECT_LT(SecondsSince(start), 2.0 + 1.5);
+}
+
+// Each connection to a killed peer is closed while libzmq may still report on it (its automatic
+// reconnect is refused 100 ms later). An event that found its monitor's reader closed used to
+// block libzmq's I/O thread for good: every later call of the survivor timed out (seen in the
+// swarm test on a loaded machine). Busy threads widen the window, as that load did.
+TEST(KilledPeerTest, ASurvivorOfManyKilledPeersKeepsWorking) {
+  auto client = StartNode();
+  ASSERT_NE(client, nullptr);
+  auto pong = [](const CallContext&, Message, Responder respond) { respond(Message("pong")); };
+  client->RegisterUnary("ping", pong);
+  std::atomic<bool> busy{true};
+  std::vector<std::thread> hogs;
+  for (int i = 0; i < 3; ++i) {
+    hogs.emplace_back([&busy] {
+      while (busy.load(std::memory_order_relaxed)) {
+      }
+    });
+  }
+  for (int round = 0; round < 12; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    std::vector<PeerProcess> peers;
+    std::vector<std::shared_ptr<Stream>> streams;
+    for (int i = 0; i < 6; ++i) {
+      peers.push_back(SpawnServerPeer());
+      ASSERT_NE(peers.back().process, nullptr);
+      streams.push_back(client->OpenStream(peers.back().address, "slow_stream",
+                                           CallOptions{Milliseconds(60000)}));
+    }
+    for (auto& stream : streams) {
+      auto ready = Await(stream->Read(), Milliseconds(20000));
+      ASSERT_TRUE(ready.ok()) << ready.status().ToString();
+    }
+    for (auto& peer : peers) peer.process->Kill(SIGKILL);
+    for (auto& stream : streams) ASSERT_FALSE(Await(stream->Read(), Milliseconds(20000)).ok());
+    for (auto& peer : peers) peer.process->Reap();
+    // New connections both ways: the survivor still dials out and accepts.
+    auto dialed = StartNode();
+    auto dialing = StartNode();
+    dialed->RegisterUnary("ping", pong);
+    auto out = Await(client->Call(dialed->visible_address(), "ping", Message("x"),
+                                  CallOptions{Milliseconds(5000)}),
+                     Milliseconds(10000));
+    EXPECT_TRUE(out.ok()) << out.status().ToString();
+    auto in = Await(dialing->Call(client->visible_address(), "ping", Message("y"),
+                                  CallOptions{Milliseconds(5000)}),
+                    Milliseconds(10000));
+    EXPECT_TRUE(in.ok()) << in.status().ToString();
+    if (!out.ok() || !in.ok()) break;
+  }
+  busy = false;
+  for (auto& hog : hogs) hog.join();
 }
 
 // ---------------------------------------------------------------------------------------------
