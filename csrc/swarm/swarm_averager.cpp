@@ -77,7 +77,7 @@ void SwarmAverager::PresenceLoop() {
   }
 }
 
-// Entries are "<base group id>|<DHT time written>", one per launch leader (subkey: its owner
+// Entries are "<group fingerprint>|<DHT time written>", one per launch leader (subkey: its owner
 // marker, so only it can write it), rewritten every period and expiring after five.
 void SwarmAverager::PublishAndCheckPresence() {
   std::string mine;
@@ -110,8 +110,10 @@ void SwarmAverager::PublishAndCheckPresence() {
     } catch (...) {
       continue;
     }
-    // A launch in another group, alive after ours formed: a newcomer, or a group that formed
-    // apart. (One that last wrote before our group formed and is not in it has died since.)
+    // A launch in another group, alive after ours formed or last shrank: a newcomer, a group
+    // that formed apart, or a member we dropped while it was alive (it still publishes the group
+    // as it was, or the one it formed since). One that last wrote before that and is not in our
+    // group has died since.
     // With Moshpit, other groups exist by design and everyone rotates anyway.
     if (id != mine && written > formed_at && !moshpit()) {
       if (!regroup_wanted_.exchange(true)) {
@@ -138,7 +140,7 @@ void SwarmAverager::Formed(SwarmGroup group) {
   group_ = std::move(group);
   ++generation_;
   std::lock_guard<std::mutex> lock(presence_mutex_);
-  published_id_ = base_id_;
+  published_id_ = group_->Fingerprint();
   formed_at_ = dht::DhtNow();
   leading_ = launch_alive_[launch_.rank] && [&] {
     for (int r = 0; r < launch_.rank; ++r) {
@@ -162,10 +164,16 @@ Status SwarmAverager::EnsureGroup(Clock::time_point deadline, const std::string&
   if (group_ && !(regroup_agreed_ && signature == anchor_)) return Status::Ok();
   regroup_agreed_ = false;
   anchors_in_group_ = 0;
-  return Form(deadline);
+  if (signature == anchor_ || options_.matchmaking_key.empty()) return Form(deadline, true);
+  // Without a group in the middle of a training step (the last op failed, or the others dropped
+  // this launch): matchmaking here could meet launches waiting at the anchor, whose ops would not
+  // line up with ours. Finish the step within this launch and matchmake at the next anchor.
+  Status formed = Form(deadline, false);
+  if (formed.ok()) regroup_agreed_ = true;
+  return formed;
 }
 
-Status SwarmAverager::Form(Clock::time_point deadline) {
+Status SwarmAverager::Form(Clock::time_point deadline, bool matchmake) {
   ++epoch_;
   group_.reset();
   shrinks_ = 0;
@@ -176,7 +184,7 @@ Status SwarmAverager::Form(Clock::time_point deadline) {
     const std::string key =
         launch_.launch_id + "/form/" + std::to_string(epoch_) + "/" + std::to_string(leader);
     if (leader == launch_.rank) {
-      auto formed = LeadFormation(key, deadline);
+      auto formed = LeadFormation(key, deadline, matchmake);
       if (!formed.ok()) return formed.status();
       Formed(std::move(formed).value());
       return Status::Ok();
@@ -207,8 +215,8 @@ Status SwarmAverager::Form(Clock::time_point deadline) {
   }
 }
 
-Result<SwarmGroup> SwarmAverager::LeadFormation(const std::string& key,
-                                                Clock::time_point deadline) {
+Result<SwarmGroup> SwarmAverager::LeadFormation(const std::string& key, Clock::time_point deadline,
+                                                bool matchmake) {
   const int size = static_cast<int>(launch_.ranks.size());
   std::vector<SwarmMember> mine;
   for (int r = 0; r < size; ++r) {
@@ -228,7 +236,7 @@ Result<SwarmGroup> SwarmAverager::LeadFormation(const std::string& key,
 
   SwarmGroup group;
   Status failed;
-  if (options_.matchmaking_key.empty()) {
+  if (options_.matchmaking_key.empty() || !matchmake) {
     group.id = launch_.launch_id + "-" + std::to_string(epoch_);
     group.members = mine;
   } else {
@@ -311,6 +319,9 @@ void SwarmAverager::Shrink(const std::vector<int>& keep) {
   op_index_ = 0;
   next.id = base_id_ + "." + std::to_string(shrinks_);
   group_ = std::move(next);
+  std::lock_guard<std::mutex> lock(presence_mutex_);
+  published_id_ = group_->Fingerprint();
+  formed_at_ = dht::DhtNow();
 }
 
 Result<MeanReport> SwarmAverager::Mean(std::vector<float>& data, Clock::time_point deadline,

@@ -10,13 +10,15 @@
 //    averaging/allreduce.h). Every member gets bitwise identical results and the same per-part
 //    contributor lists, so every member drops the same dead members afterwards: departures cost
 //    no extra round trip.
-//  * Regrouping: launch leaders publish which group they are in under a DHT key of the run, and
-//    read the others' entries every second. A leader that sees a launch outside its group (a
-//    newcomer, or a group that formed apart) wants a regroup and votes for it through one extra
+//  * Regrouping: launch leaders publish which group they are in (its fingerprint: id and
+//    members) under a DHT key of the run, and read the others' entries every second. A leader
+//    that sees a launch outside its group (a newcomer, a group that formed apart, or a live
+//    member the group dropped) wants a regroup and votes for it through one extra
 //    element appended to the averaged vector; the mean is identical everywhere, so every member
 //    re-forms at the same op: the next one with the "anchor" signature (that of the op the first
 //    group formed at, i.e. the first all-reduce of a training step), where a newcomer's first
-//    all-reduce also stands. Matchmaking only groups launches waiting at the same anchor.
+//    all-reduce also stands. Matchmaking only groups launches waiting at the same anchor; a launch
+//    left without a group mid-step finishes the step on its own and matchmakes at the next one.
 //
 // Not thread-safe: the backend calls it from its single operation thread.
 #pragma once
@@ -126,8 +128,10 @@ class SwarmAverager {
 
  private:
   Status EnsureGroup(Clock::time_point deadline, const std::string& signature);
-  Status Form(Clock::time_point deadline);
-  Result<SwarmGroup> LeadFormation(const std::string& key, Clock::time_point deadline);
+  // `matchmake` false: the group is this launch's live ranks, even in a swarm.
+  Status Form(Clock::time_point deadline, bool matchmake);
+  Result<SwarmGroup> LeadFormation(const std::string& key, Clock::time_point deadline,
+                                   bool matchmake);
   void Formed(SwarmGroup group);
   // The presence thread: publishes this launch's group, reads the others', wants regroups.
   void PresenceLoop();
@@ -165,8 +169,8 @@ class SwarmAverager {
   std::condition_variable presence_wake_;
   bool presence_stop_ = false;
   bool leading_ = false;      // this rank is its launch's leader
-  std::string published_id_;  // base id of the current group ("" while forming)
-  double formed_at_ = 0;      // DHT time of that formation
+  std::string published_id_;  // fingerprint of the current group ("" until the first one)
+  double formed_at_ = 0;      // DHT time of that formation or of its last shrink
   std::thread presence_thread_;
 };
 

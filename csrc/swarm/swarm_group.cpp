@@ -1,6 +1,9 @@
 #include "swarm/swarm_group.h"
 
+#include <sodium.h>
+
 #include <charconv>
+#include <cstdint>
 #include <sstream>
 
 namespace hivemind::swarm {
@@ -84,6 +87,23 @@ Result<std::vector<SwarmMember>> DecodeMembers(std::string_view text) {
     members.push_back(std::move(member));
   }
   return members;
+}
+
+std::string SwarmGroup::Fingerprint() const {
+  crypto_generichash_state state;
+  unsigned char digest[16];
+  crypto_generichash_init(&state, nullptr, 0, sizeof(digest));
+  // Length-prefixed fields, so that no two different groups hash the same bytes.
+  auto add = [&state](std::string_view field) {
+    const uint64_t size = field.size();
+    crypto_generichash_update(&state, reinterpret_cast<const unsigned char*>(&size), sizeof(size));
+    crypto_generichash_update(&state, reinterpret_cast<const unsigned char*>(field.data()),
+                              field.size());
+  };
+  add(id);
+  for (const SwarmMember& member : members) add(member.address.peer_id.raw());
+  crypto_generichash_final(&state, digest, sizeof(digest));
+  return HexId(std::string_view(reinterpret_cast<const char*>(digest), sizeof(digest)));
 }
 
 std::string SwarmGroup::Encode() const {

@@ -26,6 +26,11 @@ struct SwarmGroup {
   std::vector<SwarmMember> members;
   int my_index = -1;
 
+  // Hex BLAKE2b-128 of the id and the members' peer ids, in order: equal on two peers exactly when
+  // they hold the same group. Presence records carry it, so that two parts of one group that
+  // disagree on who is still in it (a spuriously excluded live member) see each other as apart.
+  std::string Fingerprint() const;
+
   // Text form without my_index; Decode finds `me` in it.
   std::string Encode() const;
   static Result<SwarmGroup> Decode(std::string_view text, const net::PeerId& me);

@@ -112,6 +112,33 @@ TEST(SwarmAverager, SurvivorsDropADeadMemberAlikeAndGoOn) {
   }
 }
 
+TEST(SwarmGroup, FingerprintTellsApartPartsOfOneGroupThatDisagree) {
+  auto a = test::StartNode();
+  auto b = test::StartNode();
+  auto c = test::StartNode();
+  SwarmGroup whole;
+  whole.id = "g.1";
+  whole.members = {SwarmMember{a->visible_address(), "la", 0, 1},
+                   SwarmMember{b->visible_address(), "lb", 0, 1},
+                   SwarmMember{c->visible_address(), "lc", 0, 1}};
+  SwarmGroup copy = whole;
+  copy.my_index = 2;  // a member's own position is not part of the group
+  EXPECT_EQ(whole.Fingerprint(), copy.Fingerprint());
+  EXPECT_EQ(whole.Fingerprint().size(), 32u);
+
+  // After one shrink, two sides that kept different members share the id "g.1" but not the
+  // fingerprint; nor does the group before the shrink.
+  SwarmGroup pair = whole;
+  pair.members.pop_back();
+  SwarmGroup alone = whole;
+  alone.members.erase(alone.members.begin(), alone.members.begin() + 2);
+  EXPECT_NE(pair.Fingerprint(), alone.Fingerprint());
+  EXPECT_NE(pair.Fingerprint(), whole.Fingerprint());
+  SwarmGroup renamed = whole;
+  renamed.id = "g.2";
+  EXPECT_NE(renamed.Fingerprint(), whole.Fingerprint());
+}
+
 TEST(SwarmGroup, RoundTripsAndRefusesMalformedDescriptions) {
   auto a = test::StartNode();
   auto b = test::StartNode();
