@@ -229,6 +229,23 @@ struct Matchmaker::Shared {
     return true;
   }
 
+  // Whether this peer leads a group under the key that counts the asker in (sealed or not: a
+  // sealed group's hand-out to it is on its way).
+  wire::FollowerCheckReply OnFollowerCheck(const net::CallContext& ctx,
+                                           const wire::FollowerCheck& request) {
+    wire::FollowerCheckReply reply;
+    reply.set_status(wire::FOLLOWER_NOT_LISTED);
+    std::lock_guard<std::mutex> lock(mutex);
+    auto search = closed ? nullptr : Find(request.group_key());
+    if (!search || search->role == Role::kFollowing) return reply;
+    for (const Follower& follower : search->followers) {
+      if (follower.peer == ctx.peer && follower.search_id == request.search_id()) {
+        reply.set_status(wire::FOLLOWER_LISTED);
+      }
+    }
+    return reply;
+  }
+
   void OnLeave(const net::CallContext& ctx, const wire::LeaveRequest& request) {
     std::lock_guard<std::mutex> lock(mutex);
     auto search = closed ? nullptr : Find(request.group_key());
@@ -537,14 +554,20 @@ SearchRun::Attempt SearchRun::TryJoin(const Candidate& candidate) {
   }
   if (!mine.empty()) Disband(std::move(mine), &candidate, "joined an earlier leader");
 
-  const auto wait_until =
-      std::min(deadline_, SteadyClock::now() + milliseconds(reply.seal_within_ms()) +
-                              options().request_timeout);
+  auto wait_until = std::min(deadline_, SteadyClock::now() + milliseconds(reply.seal_within_ms()) +
+                                            options().request_timeout);
   // A leader that dies says nothing, so its followers check on it every request_timeout: they
   // all learn of the death at about the same time and regroup together, instead of each waiting
   // out the seal time it promised (and forming groups with whoever timed out at the same moment).
+  // A leader that answers and still counts us in is worth waiting for, however late it seals: it
+  // may be busy (a slow DHT read on a loaded machine held leaders past their windows while their
+  // followers left, until nobody under the key could form a group).
+  wire::FollowerCheck check;
+  check.set_group_key(options().group_key);
+  check.set_search_id(search_->search_id);
   std::optional<wire::GroupMessage> message;
   bool leader_died = false;
+  bool dropped = false;
   for (;;) {
     {
       std::unique_lock<std::mutex> lock(shared_->mutex);
@@ -561,16 +584,36 @@ SearchRun::Attempt SearchRun::TryJoin(const Candidate& candidate) {
                    shared_->closed ? "the matchmaker was shut down" : "the search was cancelled"));
         return attempt;
       }
-      if (message || SteadyClock::now() >= wait_until) break;
+      if (message || SteadyClock::now() >= deadline_) break;
     }
-    auto alive =
-        env_.Call(candidate.address, kAliveMethod, net::Message(), RequestTimeout()).Wait();
+    // Checked on every wake, the last one included: a leader that promised to seal at once
+    // (its window was over) is asked before we give up on it.
+    auto alive = env_.Call(candidate.address, kAliveMethod, Encode(check), RequestTimeout()).Wait();
+    wire::FollowerCheckReply status;
+    if (alive.ok() && status.ParseFromString(alive->header) &&
+        status.status() != wire::FOLLOWER_UNSPECIFIED) {
+      if (status.status() == wire::FOLLOWER_LISTED) {
+        // Until past the next check and its answer.
+        wait_until = std::max(
+            wait_until, std::min(deadline_, SteadyClock::now() + 2 * options().request_timeout));
+        continue;
+      }
+      std::lock_guard<std::mutex> lock(shared_->mutex);
+      message = search_->from_leader;  // a disband or the group may be on its way
+      dropped = !message.has_value();
+      if (dropped) break;
+    }
     // Only a refused connection proves death; a slow answer or an older peer proves nothing.
     if (!alive.ok() && alive.status().code() == StatusCode::kUnavailable) {
       std::lock_guard<std::mutex> lock(shared_->mutex);
       message = search_->from_leader;  // it may have sent the group just before it died
       leader_died = !message.has_value();
       if (leader_died) break;
+    }
+    if (SteadyClock::now() >= wait_until) {
+      std::lock_guard<std::mutex> lock(shared_->mutex);
+      message = search_->from_leader;
+      break;
     }
   }
   if (!message) {
@@ -579,8 +622,9 @@ SearchRun::Attempt SearchRun::TryJoin(const Candidate& candidate) {
     leave.set_search_id(search_->search_id);
     env_.Call(candidate.address, kLeaveMethod, Encode(leave), RequestTimeout());
     done_with_.insert(id);
-    Note(leader_died
-             ? "leader " + candidate.peer.ShortString() + " died after accepting us"
+    Note(leader_died ? "leader " + candidate.peer.ShortString() + " died after accepting us"
+         : dropped
+             ? "leader " + candidate.peer.ShortString() + " no longer counted us in"
              : "leader " + candidate.peer.ShortString() + " accepted us but sent no group within " +
                    std::to_string(reply.seal_within_ms() + options().request_timeout.count()) +
                    " ms");
@@ -838,8 +882,16 @@ Matchmaker::Matchmaker(std::shared_ptr<MatchmakingEnv> env)
     }
     respond(Encode(ack));
   });
-  env_->RegisterUnary(kAliveMethod, [](const net::CallContext&, net::Message,
-                                       net::Responder respond) { respond(net::Message()); });
+  env_->RegisterUnary(kAliveMethod, [weak](const net::CallContext& ctx, net::Message request,
+                                           net::Responder respond) {
+    auto shared = weak.lock();
+    wire::FollowerCheck parsed;
+    if (!shared || request.header.empty() || !parsed.ParseFromString(request.header)) {
+      respond(net::Message());
+      return;
+    }
+    respond(Encode(shared->OnFollowerCheck(ctx, parsed)));
+  });
   env_->RegisterUnary(kLeaveMethod, [weak](const net::CallContext& ctx, net::Message request,
                                            net::Responder respond) {
     auto shared = weak.lock();

@@ -17,6 +17,7 @@
 
 #include "averaging/group_key.h"
 #include "averaging/matchmaking.h"
+#include "averaging/matchmaking_sim_world.h"
 #include "dht/dht_runner.h"
 #include "test_util.h"
 
@@ -372,6 +373,87 @@ TEST_F(MatchmakingTest, MoshpitKeysMixPairsAcrossRounds) {
     values = next;
   }
   for (double v : values) EXPECT_DOUBLE_EQ(v, 4.0);
+}
+
+// A MatchmakingEnv whose DHT reads take `read_delay` once `slow` is set: a leader on a loaded
+// machine (64 real peers on 2 cores) was seen spending seconds in one read.
+class SlowReadsEnv : public MatchmakingEnv {
+ public:
+  SlowReadsEnv(std::shared_ptr<MatchmakingEnv> inner, milliseconds read_delay)
+      : inner_(std::move(inner)), read_delay_(read_delay) {}
+  std::atomic<bool> slow{false};
+  test::Notification slow_read_started;
+
+  Future<dht::DhtRunnerStoreResult> StoreSubkey(const std::string& key, const std::string& subkey,
+                                                std::string value,
+                                                dht::DhtTime expiration) override {
+    return inner_->StoreSubkey(key, subkey, std::move(value), expiration);
+  }
+  Future<std::optional<dht::DhtRunnerValue>> GetLatest(const std::string& key) override {
+    if (slow) {
+      slow_read_started.Notify();
+      std::this_thread::sleep_for(read_delay_);  // the read itself is what is slow
+    }
+    return inner_->GetLatest(key);
+  }
+  dht::DhtTime Now() const override { return inner_->Now(); }
+  std::string owner_marker() const override { return inner_->owner_marker(); }
+  const net::PeerId& peer_id() const override { return inner_->peer_id(); }
+  std::vector<std::string> visible_addresses() const override {
+    return inner_->visible_addresses();
+  }
+  bool client_mode() const override { return inner_->client_mode(); }
+  bool is_running() const override { return inner_->is_running(); }
+  void RegisterUnary(const std::string& method, net::UnaryHandler handler) override {
+    inner_->RegisterUnary(method, std::move(handler));
+  }
+  Future<net::Message> Call(const net::PeerAddress& peer, const std::string& method,
+                            net::Message request, milliseconds timeout) override {
+    return inner_->Call(peer, method, std::move(request), timeout);
+  }
+
+ private:
+  std::shared_ptr<MatchmakingEnv> inner_;
+  milliseconds read_delay_;
+};
+
+// Followers that a leader accepted wait for it while it answers that it still counts them in,
+// however far past its window it is. They used to give up after the window + request_timeout and
+// never ask it again: with every follower gone that way, no group of min_group_size could form
+// under the key (64 real peers on a loaded machine, 2 runs in 3).
+TEST(MatchmakingFollowerCheckTest, FollowersWaitForABusyLeaderThatStillCountsThemIn) {
+  SimMatchmakingWorld world;
+  auto slow_leader = std::make_shared<SlowReadsEnv>(world.AddPeer(), milliseconds(1500));
+  std::vector<std::unique_ptr<Matchmaker>> matchmakers;
+  matchmakers.push_back(std::make_unique<Matchmaker>(slow_leader));
+  for (int i = 0; i < 2; ++i) matchmakers.push_back(std::make_unique<Matchmaker>(world.AddPeer()));
+  MatchmakingOptions options;
+  options.group_key = "busy-leader";
+  options.schema_hash = "schema-1";
+  options.min_group_size = 3;
+  options.target_group_size = 3;
+  options.window = milliseconds(100);
+  options.request_timeout = milliseconds(200);
+  options.timeout = milliseconds(10000);
+
+  std::vector<std::optional<Result<FormedGroup>>> results(3);
+  std::vector<std::thread> threads;
+  threads.emplace_back([&] { results[0] = matchmakers[0]->FormGroup(options); });
+  // The leader declares first (so it leads), and is inside a slow read when the others join.
+  ASSERT_TRUE(
+      world.WaitUntil([&] { return world.LiveSubkeys("busy-leader") == 1; }, milliseconds(5000)));
+  slow_leader->slow = true;
+  ASSERT_TRUE(slow_leader->slow_read_started.WaitFor(milliseconds(5000)));
+  for (int i = 1; i < 3; ++i) {
+    threads.emplace_back([&, i] { results[i] = matchmakers[i]->FormGroup(options); });
+  }
+  for (auto& thread : threads) thread.join();
+  for (auto& result : results) ASSERT_TRUE(result->ok()) << result->status().ToString();
+  for (auto& result : results) {
+    EXPECT_EQ((*result)->group.members.size(), 3u);
+    EXPECT_EQ((*result)->group.Digest(), (*results[0])->group.Digest());
+  }
+  EXPECT_TRUE((*results[0])->led);
 }
 
 }  // namespace
