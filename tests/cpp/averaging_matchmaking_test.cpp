@@ -375,14 +375,14 @@ TEST_F(MatchmakingTest, MoshpitKeysMixPairsAcrossRounds) {
   for (double v : values) EXPECT_DOUBLE_EQ(v, 4.0);
 }
 
-// A MatchmakingEnv whose DHT reads take `read_delay` once `slow` is set: a leader on a loaded
+// A MatchmakingEnv whose DHT reads, once `gated` is set, wait for `release`: a leader on a loaded
 // machine (64 real peers on 2 cores) was seen spending seconds in one read.
-class SlowReadsEnv : public MatchmakingEnv {
+class GatedReadsEnv : public MatchmakingEnv {
  public:
-  SlowReadsEnv(std::shared_ptr<MatchmakingEnv> inner, milliseconds read_delay)
-      : inner_(std::move(inner)), read_delay_(read_delay) {}
-  std::atomic<bool> slow{false};
-  test::Notification slow_read_started;
+  explicit GatedReadsEnv(std::shared_ptr<MatchmakingEnv> inner) : inner_(std::move(inner)) {}
+  std::atomic<bool> gated{false};
+  test::Notification read_started;
+  test::Notification release;
 
   Future<dht::DhtRunnerStoreResult> StoreSubkey(const std::string& key, const std::string& subkey,
                                                 std::string value,
@@ -390,9 +390,9 @@ class SlowReadsEnv : public MatchmakingEnv {
     return inner_->StoreSubkey(key, subkey, std::move(value), expiration);
   }
   Future<std::optional<dht::DhtRunnerValue>> GetLatest(const std::string& key) override {
-    if (slow) {
-      slow_read_started.Notify();
-      std::this_thread::sleep_for(read_delay_);  // the read itself is what is slow
+    if (gated) {
+      read_started.Notify();
+      release.WaitFor(milliseconds(20000));
     }
     return inner_->GetLatest(key);
   }
@@ -414,7 +414,6 @@ class SlowReadsEnv : public MatchmakingEnv {
 
  private:
   std::shared_ptr<MatchmakingEnv> inner_;
-  milliseconds read_delay_;
 };
 
 // Followers that a leader accepted wait for it while it answers that it still counts them in,
@@ -423,9 +422,9 @@ class SlowReadsEnv : public MatchmakingEnv {
 // under the key (64 real peers on a loaded machine, 2 runs in 3).
 TEST(MatchmakingFollowerCheckTest, FollowersWaitForABusyLeaderThatStillCountsThemIn) {
   SimMatchmakingWorld world;
-  auto slow_leader = std::make_shared<SlowReadsEnv>(world.AddPeer(), milliseconds(1500));
+  auto busy_leader = std::make_shared<GatedReadsEnv>(world.AddPeer());
   std::vector<std::unique_ptr<Matchmaker>> matchmakers;
-  matchmakers.push_back(std::make_unique<Matchmaker>(slow_leader));
+  matchmakers.push_back(std::make_unique<Matchmaker>(busy_leader));
   for (int i = 0; i < 2; ++i) matchmakers.push_back(std::make_unique<Matchmaker>(world.AddPeer()));
   MatchmakingOptions options;
   options.group_key = "busy-leader";
@@ -439,14 +438,22 @@ TEST(MatchmakingFollowerCheckTest, FollowersWaitForABusyLeaderThatStillCountsThe
   std::vector<std::optional<Result<FormedGroup>>> results(3);
   std::vector<std::thread> threads;
   threads.emplace_back([&] { results[0] = matchmakers[0]->FormGroup(options); });
-  // The leader declares first (so it leads), and is inside a slow read when the others join.
+  // The leader declares first (so it leads), and is inside a read that does not end when the
+  // others join.
   ASSERT_TRUE(
       world.WaitUntil([&] { return world.LiveSubkeys("busy-leader") == 1; }, milliseconds(5000)));
-  slow_leader->slow = true;
-  ASSERT_TRUE(slow_leader->slow_read_started.WaitFor(milliseconds(5000)));
+  busy_leader->gated = true;
+  ASSERT_TRUE(busy_leader->read_started.WaitFor(milliseconds(5000)));
   for (int i = 1; i < 3; ++i) {
     threads.emplace_back([&, i] { results[i] = matchmakers[i]->FormGroup(options); });
   }
+  // Each follower checks on the leader every request_timeout. Six checks in all take each of them
+  // well past the seal time + request_timeout after which they used to leave.
+  EXPECT_TRUE(world.WaitUntil(
+      [&] { return world.CallsServed(busy_leader->peer_id(), "matchmaking.v1.alive") >= 6; },
+      milliseconds(5000)));
+  busy_leader->gated = false;
+  busy_leader->release.Notify();
   for (auto& thread : threads) thread.join();
   for (auto& result : results) ASSERT_TRUE(result->ok()) << result->status().ToString();
   for (auto& result : results) {
