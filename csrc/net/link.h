@@ -76,7 +76,7 @@ struct Link {
   // disconnection) while libzmq tears it down after zmq_close. Once our end of the monitor is
   // closed, such an event blocks the I/O thread for good, and with it every connection of the
   // node (seen when a peer died: its survivors' later connections all timed out). Stopping the
-  // monitor first means no event is ever sent to a closed reader.
+  // monitor first means no event is ever sent to a closed reader (libzmq issue #3575).
   void CloseSocket() {
     if (socket) zmq_socket_monitor(socket->handle(), nullptr, 0);
     socket.reset();
