@@ -136,6 +136,19 @@ struct Matchmaker::Shared {
   std::map<std::string, std::shared_ptr<Search>> searches;
   bool closed = false;
 
+  // A refused asker learns who is in this full group, and skips them instead of asking each in
+  // turn to hear "following" this leader: under one key, walking past k full groups then costs k
+  // round trips rather than k x target.
+  static void ListGroup(const Search& search, wire::JoinReply& reply) {
+    auto add = [&](const net::PeerId& peer, uint64_t search_id) {
+      auto* entry = reply.add_group();
+      entry->set_peer_id(std::string(peer.raw()));
+      entry->set_search_id(search_id);
+    };
+    add(search.me, search.search_id);
+    for (const Follower& follower : search.followers) add(follower.peer, follower.search_id);
+  }
+
   std::shared_ptr<Search> Find(const std::string& key) {
     auto it = searches.find(key);
     return it == searches.end() ? nullptr : it->second;
@@ -151,6 +164,7 @@ struct Matchmaker::Shared {
     }
     if (search->sealed) {
       reply.set_code(wire::JOIN_FINALIZED);
+      ListGroup(*search, reply);
       return reply;
     }
     if (request.schema_hash() != search->options.schema_hash) {
@@ -189,12 +203,10 @@ struct Matchmaker::Shared {
                                    [&](const Follower& f) { return f.peer == ctx.peer; }),
                     followers.end());
     const int target = search->options.target_group_size;
-    if (target > 0 && static_cast<int>(followers.size()) + 1 >= target) {
+    if ((target > 0 && static_cast<int>(followers.size()) + 1 >= target) ||
+        followers.size() + 1 >= Group::kMaxMembers) {
       reply.set_code(wire::JOIN_GROUP_FULL);
-      return reply;
-    }
-    if (followers.size() + 1 >= Group::kMaxMembers) {
-      reply.set_code(wire::JOIN_GROUP_FULL);
+      ListGroup(*search, reply);
       return reply;
     }
     Follower follower;
@@ -313,6 +325,7 @@ class SearchRun {
     next.addresses.assign(addresses.begin(), addresses.end());
     suggested_.insert(suggested_.begin(), std::move(next));
   }
+  void SkipMembersOf(const wire::JoinReply& full);
   void Disband(std::vector<Follower> followers, const Candidate* suggestion,
                const std::string& why);
   Status Failure() const;
@@ -466,6 +479,17 @@ std::optional<Candidate> SearchRun::NextCandidate() {
   return std::nullopt;
 }
 
+void SearchRun::SkipMembersOf(const wire::JoinReply& full) {
+  // Not for good: were the leader to die before its hand-out, its members would search again.
+  const auto until = SteadyClock::now() + options().request_timeout;
+  for (const auto& entry : full.group()) {
+    auto peer = net::PeerId::FromBytes(entry.peer_id());
+    if (!peer.ok()) continue;
+    auto& retry = retry_after_[std::make_pair(*peer, entry.search_id())];
+    retry = std::max(retry, until);
+  }
+}
+
 void SearchRun::Disband(std::vector<Follower> followers, const Candidate* suggestion,
                         const std::string& why) {
   for (const auto& f : followers) {
@@ -535,6 +559,12 @@ SearchRun::Attempt SearchRun::TryJoin(const Candidate& candidate) {
       back_to_searching();
       return {};
     }
+    case wire::JOIN_GROUP_FULL:
+    case wire::JOIN_FINALIZED:
+      SkipMembersOf(reply);
+      done_with_.insert(id);
+      back_to_searching();
+      return {};
     case wire::JOIN_BAD_SCHEMA:
       Note("peer " + candidate.peer.ShortString() +
            " declared under the same key with a different schema hash");

@@ -463,5 +463,61 @@ TEST(MatchmakingFollowerCheckTest, FollowersWaitForABusyLeaderThatStillCountsThe
   EXPECT_TRUE((*results[0])->led);
 }
 
+// A full leader's refusal lists its members, and the refused peer does not ask them one by one
+// (each would only answer "following" that leader): under one key, walking past k full groups
+// costs k round trips instead of k x target. The leader is held in a DHT read so that its full
+// group stays unsealed while a later peer asks it.
+TEST(MatchmakingFullGroupTest, ARefusedPeerSkipsTheFullGroupsMembers) {
+  SimMatchmakingWorld world;
+  auto busy_leader = std::make_shared<GatedReadsEnv>(world.AddPeer());
+  std::vector<std::shared_ptr<MatchmakingEnv>> followers = {world.AddPeer(), world.AddPeer()};
+  auto late = world.AddPeer();
+  std::vector<std::unique_ptr<Matchmaker>> matchmakers;
+  matchmakers.push_back(std::make_unique<Matchmaker>(busy_leader));
+  for (auto& env : followers) matchmakers.push_back(std::make_unique<Matchmaker>(env));
+  matchmakers.push_back(std::make_unique<Matchmaker>(late));
+  MatchmakingOptions options;
+  options.group_key = "full-group";
+  options.schema_hash = "schema-1";
+  options.min_group_size = 2;
+  options.target_group_size = 3;
+  options.window = milliseconds(100);
+  options.request_timeout = milliseconds(2000);
+  options.timeout = milliseconds(10000);
+
+  std::vector<std::optional<Result<FormedGroup>>> results(4);
+  std::vector<std::thread> threads;
+  threads.emplace_back([&] { results[0] = matchmakers[0]->FormGroup(options); });
+  ASSERT_TRUE(
+      world.WaitUntil([&] { return world.LiveSubkeys("full-group") == 1; }, milliseconds(5000)));
+  busy_leader->gated = true;
+  ASSERT_TRUE(busy_leader->read_started.WaitFor(milliseconds(5000)));
+  for (int i = 1; i <= 2; ++i) {
+    threads.emplace_back([&, i] { results[i] = matchmakers[i]->FormGroup(options); });
+  }
+  ASSERT_TRUE(world.WaitUntil(
+      [&] { return world.CallsServed(busy_leader->peer_id(), "matchmaking.v1.join") == 2; },
+      milliseconds(5000)));
+  // Declared after the two followers, so it may ask all three. Alone it cannot form a group: its
+  // search ends at its timeout, well before the skip (request_timeout) would lapse.
+  MatchmakingOptions late_options = options;
+  late_options.timeout = milliseconds(800);
+  auto refused = matchmakers[3]->FormGroup(late_options);
+  EXPECT_EQ(refused.status().code(), StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(world.CallsServed(busy_leader->peer_id(), "matchmaking.v1.join"), 3u);
+  for (auto& env : followers) {
+    EXPECT_EQ(world.CallsServed(env->peer_id(), "matchmaking.v1.join"), 0u)
+        << "the refused peer asked a member of the full group";
+  }
+
+  busy_leader->gated = false;
+  busy_leader->release.Notify();
+  for (auto& thread : threads) thread.join();
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(results[i]->ok()) << results[i]->status().ToString();
+    EXPECT_EQ((*results[i])->group.members.size(), 3u);
+  }
+}
+
 }  // namespace
 }  // namespace hivemind::averaging

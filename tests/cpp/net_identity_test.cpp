@@ -4,10 +4,12 @@
 
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <set>
 #include <string>
 
 #include "net/address.h"
+#include "net/base58.h"
 #include "net/identity.h"
 #include "net/peer_id.h"
 #include "test_util.h"
@@ -38,6 +40,55 @@ void WriteFile(const std::string& path, const std::string& text, unsigned mode) 
 }
 
 // ---- PeerId ----
+
+std::string FromHex(const std::string& hex) {
+  std::string bytes;
+  for (size_t i = 0; i + 1 < hex.size(); i += 2) {
+    bytes.push_back(static_cast<char>(std::stoi(hex.substr(i, 2), nullptr, 16)));
+  }
+  return bytes;
+}
+
+// Bitcoin's published base58 test vectors (leading zero bytes are leading '1's).
+TEST(Base58Test, KnownVectorsEncodeAndDecode) {
+  const std::pair<std::string, std::string> vectors[] = {
+      {"", ""},
+      {"61", "2g"},
+      {"626262", "a3gV"},
+      {"636363", "aPEr"},
+      {"73696d706c792061206c6f6e6720737472696e67", "2cFupjhnEsSn59qHXstmK2ffpLv2"},
+      {"00eb15231dfceb60925886b67d065299925915aeb172c06647", "1NS17iag9jJgTHD1VXjvLCEnZuQ3rJDE9L"},
+      {"516b6fcd0f", "ABnLTmg"},
+      {"bf4f89001e670274dd", "3SEo3LWLoPntC"},
+      {"572e4794", "3EFU7m"},
+      {"ecac89cad93923c02321", "EJDM8drfXA6uyA"},
+      {"10c8511e", "Rt5zm"},
+      {"00000000000000000000", "1111111111"},
+  };
+  for (const auto& [hex, text] : vectors) {
+    EXPECT_EQ(Base58Encode(FromHex(hex)), text) << hex;
+    auto decoded = Base58Decode(text);
+    ASSERT_TRUE(decoded.has_value()) << text;
+    EXPECT_EQ(*decoded, FromHex(hex)) << text;
+  }
+}
+
+// Lengths around the five-digit chunks and 32-bit limbs, with and without leading zero bytes.
+TEST(Base58Test, RandomBytesRoundTrip) {
+  std::mt19937 engine(11);
+  for (size_t length = 0; length <= 80; ++length) {
+    for (int zeros = 0; zeros <= 3; ++zeros) {
+      std::string bytes(std::min<size_t>(zeros, length), '\0');
+      while (bytes.size() < length) bytes.push_back(static_cast<char>(engine() & 0xff));
+      const std::string text = Base58Encode(bytes);
+      auto decoded = Base58Decode(text);
+      ASSERT_TRUE(decoded.has_value()) << text;
+      EXPECT_EQ(*decoded, bytes) << "length " << length << ", text " << text;
+    }
+  }
+  EXPECT_FALSE(Base58Decode("abc0").has_value());
+  EXPECT_FALSE(Base58Decode("\xff").has_value());
+}
 
 TEST(PeerIdTest, TextFormRoundTrips) {
   PeerId id = Identity::Generate().peer_id();
