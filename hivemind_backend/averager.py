@@ -173,7 +173,8 @@ class DecentralizedAverager(StateSharingMixin):
     :param reducer_timeout: a share that makes no progress for this long is taken over by a
       backup reducer (20 s; keep it above ``sender_timeout``).
     :param part_size_bytes: all-reduce part size in bytes of float32 (512 KiB, as hivemind).
-    :param bandwidth: this peer's relative capacity; shares to reduce are proportional to it.
+    :param bandwidth: this peer's relative link capacity; the shares to reduce are balanced so
+        that the round ends first given every member's bandwidth (docs/averaging.md).
     :param client_mode: contribute and receive but reduce nothing (for peers nobody can dial).
       ``None``: the DHT's ``client_mode``.
     :param auxiliary: reduce for others but contribute nothing and receive no result; the tensors

@@ -231,7 +231,7 @@ class Round : public std::enable_shared_from_this<Round> {
         partition_(std::move(partition)),
         codec_(std::move(codec)),
         options_(options),
-        digest_(group.Digest()),
+        digest_(group.Digest() + partition_.Digest()),
         me_(group.my_index),
         n_(static_cast<int>(group.members.size())),
         contributes_(group.members[group.my_index].contributes()),
@@ -375,7 +375,7 @@ class Round : public std::enable_shared_from_this<Round> {
 
 Status Round::CheckHeader(const wire::AveragingHeader& header, const Stream& stream) const {
   if (header.group_digest() != digest_) {
-    return Refused("group description differs (members, modes or bandwidths)");
+    return Refused("group description differs (members, modes, bandwidths or their split)");
   }
   if (header.sender() >= static_cast<uint32_t>(n_)) {
     return Malformed("sender index " + std::to_string(header.sender()) + " out of range");

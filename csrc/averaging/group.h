@@ -22,8 +22,8 @@ const char* MemberModeName(MemberMode mode);
 
 struct GroupMember {
   net::PeerAddress address;
-  // Relative reduce capacity (e.g. declared bandwidth). Shares are proportional to it; 0 means
-  // "never reduce". Ignored (treated as 0) for clients.
+  // Relative link capacity (declared bandwidth); shares are balanced by it (load_balance.h); 0
+  // means "never reduce". Ignored (treated as 0) for clients.
   double bandwidth = 1.0;
   MemberMode mode = MemberMode::kNormal;
 

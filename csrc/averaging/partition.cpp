@@ -7,6 +7,8 @@
 #include <cstring>
 #include <numeric>
 
+#include "averaging/load_balance.h"
+
 namespace hivemind::averaging {
 
 const char* MemberModeName(MemberMode mode) {
@@ -118,14 +120,10 @@ Result<Partition> Partition::Make(const Group& group, size_t total_elements, siz
     return Status(StatusCode::kInvalidArgument, "part_elements must be positive");
   }
   size_t n = group.members.size();
-  std::vector<double> weights(n, 0.0);
-  for (size_t i = 0; i < n; ++i) {
-    if (group.members[i].can_reduce()) weights[i] = group.members[i].bandwidth;
-  }
   Partition partition;
   partition.total_ = total_elements;
   partition.part_elements_ = part_elements;
-  partition.share_size_ = SplitProportionally(total_elements, weights);
+  partition.share_size_ = SplitProportionally(total_elements, BalancedShareFractions(group));
   partition.share_begin_.resize(n);
   partition.first_part_.resize(n);
   partition.num_parts_.resize(n);
@@ -142,6 +140,22 @@ Result<Partition> Partition::Make(const Group& group, size_t total_elements, siz
     offset += size;
   }
   return partition;
+}
+
+std::string Partition::Digest() const {
+  crypto_generichash_state state;
+  crypto_generichash_init(&state, nullptr, 0, 32);
+  auto feed = [&](uint64_t value) {
+    unsigned char bytes[8];
+    for (int i = 0; i < 8; ++i) bytes[i] = static_cast<unsigned char>(value >> (8 * i));
+    crypto_generichash_update(&state, bytes, sizeof(bytes));
+  };
+  feed(total_);
+  feed(part_elements_);
+  for (size_t size : share_size_) feed(size);
+  std::string digest(32, '\0');
+  crypto_generichash_final(&state, reinterpret_cast<unsigned char*>(digest.data()), 32);
+  return digest;
 }
 
 }  // namespace hivemind::averaging

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <string>
 #include <vector>
 
 #include "averaging/group.h"
@@ -29,8 +30,9 @@ struct Part {
 
 class Partition {
  public:
-  // Shares proportional to each member's bandwidth among those that can reduce (0 for the rest);
-  // each share cut into parts of at most `part_elements`.
+  // Shares sized by BalancedShareFractions (load_balance.h: the split that ends the round first
+  // given the members' bandwidths; 0 for members that cannot reduce); each share cut into parts
+  // of at most `part_elements`.
   static Result<Partition> Make(const Group& group, size_t total_elements,
                                 size_t part_elements = kDefaultPartElements);
 
@@ -44,6 +46,10 @@ class Partition {
   size_t first_part(int member) const { return first_part_[member]; }
   size_t num_parts(int member) const { return num_parts_[member]; }
   const std::vector<Part>& parts() const { return parts_; }
+  // Fingerprint of the split (total, part size, share sizes). Members compare it before a round:
+  // fractions are floating point, and a build that rounds differently (another compiler's fused
+  // multiply-add) must be refused, not mix up shares.
+  std::string Digest() const;
 
  private:
   size_t total_ = 0;

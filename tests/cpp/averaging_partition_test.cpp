@@ -67,10 +67,12 @@ TEST(Partition, SharesByModeAndBandwidthCutIntoParts) {
       {1.0, 5.0, 2.0, 1.0});
   auto partition = Partition::Make(group, 1000, 64);
   ASSERT_TRUE(partition.ok()) << partition.status().ToString();
-  EXPECT_EQ(partition->share_size(0), 250u);
+  // Balanced (load_balance.h): the auxiliary member sends nothing of its own, so it takes the
+  // most; each member then moves 1.125 units per unit of bandwidth.
+  EXPECT_EQ(partition->share_size(0), 125u);
   EXPECT_EQ(partition->share_size(1), 0u);  // a client reduces nothing whatever its bandwidth
-  EXPECT_EQ(partition->share_size(2), 500u);
-  EXPECT_EQ(partition->share_size(3), 250u);
+  EXPECT_EQ(partition->share_size(2), 750u);
+  EXPECT_EQ(partition->share_size(3), 125u);
   size_t covered = 0;
   for (const Part& part : partition->parts()) {
     EXPECT_EQ(part.begin, covered);  // contiguous, in order
@@ -82,9 +84,9 @@ TEST(Partition, SharesByModeAndBandwidthCutIntoParts) {
     covered += part.size;
   }
   EXPECT_EQ(covered, 1000u);
-  EXPECT_EQ(partition->num_parts(0), 4u);  // 250 = 64 + 64 + 64 + 58
+  EXPECT_EQ(partition->num_parts(0), 2u);  // 125 = 64 + 61
   EXPECT_EQ(partition->num_parts(1), 0u);
-  EXPECT_EQ(partition->parts()[partition->first_part(3)].begin, 750u);
+  EXPECT_EQ(partition->parts()[partition->first_part(3)].begin, 875u);
 }
 
 TEST(Partition, EmptyAndTinyVectors) {
