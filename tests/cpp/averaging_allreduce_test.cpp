@@ -632,7 +632,7 @@ using test::kSlowdown;
 TEST(AllReduceChaos, SurvivorsAgreeWhenOnePeerDies) {
   std::mt19937 rng(20240611);
   const int kTrials = 20;
-  int takeover_trials = 0, killed_trials = 0, full_success_trials = 0;
+  int takeover_trials = 0, killed_trials = 0;
   int only = std::getenv("CHAOS_TRIAL") ? std::atoi(std::getenv("CHAOS_TRIAL")) : -1;
   for (int trial = 0; trial < kTrials; ++trial) {
     int n = 4 + static_cast<int>(rng() % 5);
@@ -689,12 +689,12 @@ TEST(AllReduceChaos, SurvivorsAgreeWhenOnePeerDies) {
     killer.join();
     killed_trials += killed;
 
-    // Survivors that report success must agree bitwise and hold the weighted mean of the
-    // contributors they report. A survivor may instead fail, with an error, when the transport
-    // cut it off from the others for seconds (seen on this loaded 2-core machine: connects that
-    // time out between live nodes); that must stay rare, and it must never cause divergence.
+    // Every survivor succeeds, agrees bitwise with the others and holds the weighted mean of the
+    // contributors it reports. (Until the transport stopped wedging its I/O thread on a closed
+    // monitor, a survivor cut off from the others for seconds failed about 1 trial in 10, and
+    // this test tolerated a quarter of trials with such a failure; 0 in 380 trials since, a
+    // third of them beside a CPU hog or under ASan.)
     std::vector<int> succeeded;
-    bool all_survivors_succeeded = true;
     for (int i = 0; i < n; ++i) {
       // No hang: every member, the victim too, ends within its timeout (plus scheduling slack).
       EXPECT_LE(outcome.seconds[i], 8.0 * kSlowdown + 2.0) << "member " << i;
@@ -704,16 +704,10 @@ TEST(AllReduceChaos, SurvivorsAgreeWhenOnePeerDies) {
         succeeded.push_back(i);
         if (outcome.results[i]->value().takeovers > 0) ++takeover_trials;
       } else {
-        all_survivors_succeeded = false;
-        const Status& status = outcome.results[i]->status();
-        EXPECT_NE(status.message().find("member "), std::string::npos)
-            << "an error must name the peers it waited for: " << status.ToString();
-        std::cerr << "trial " << trial << " (victim " << victim << ", event "
-                  << static_cast<int>(kill_at) << ", after " << kill_after << ", killed " << killed
-                  << ", n " << n << "): survivor " << i << " failed: " << status.ToString() << "\n";
+        ADD_FAILURE() << "killed " << killed << ": survivor " << i
+                      << " failed: " << outcome.results[i]->status().ToString();
       }
     }
-    full_success_trials += all_survivors_succeeded;
     ExpectConsistentMeans(group, outcome, inputs, weights, succeeded, options.codecs);
     if (HasFailure()) {
       for (int i : succeeded) {
@@ -724,7 +718,6 @@ TEST(AllReduceChaos, SurvivorsAgreeWhenOnePeerDies) {
       return;
     }
   }
-  EXPECT_GE(full_success_trials, kTrials * 3 / 4);
   // The seeds must exercise the interesting paths, or the test proves little.
   EXPECT_GE(killed_trials, kTrials / 2);
   EXPECT_GE(takeover_trials, 1);
