@@ -416,107 +416,113 @@ class GatedReadsEnv : public MatchmakingEnv {
   std::shared_ptr<MatchmakingEnv> inner_;
 };
 
+// A sim world whose first peer leads a group under `options.group_key` while stuck in a DHT read
+// (its group then stays unsealed, whatever the others do), and `peers` other peers that join it.
+class BusyLeaderTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    busy_leader_ = std::make_shared<GatedReadsEnv>(world_.AddPeer());
+    matchmakers_.push_back(std::make_unique<Matchmaker>(busy_leader_));
+  }
+
+  static MatchmakingOptions Options(const std::string& key, int min_size, int target,
+                                    milliseconds request_timeout) {
+    MatchmakingOptions options;
+    options.group_key = key;
+    options.schema_hash = "schema-1";
+    options.min_group_size = min_size;
+    options.target_group_size = target;
+    options.window = milliseconds(100);
+    options.request_timeout = request_timeout;
+    options.timeout = milliseconds(10000);
+    return options;
+  }
+
+  // The leader declares first (so it leads), then enters a read that does not end until
+  // ReleaseLeader(); then `followers` more peers start searching.
+  void StartLeaderInASlowReadThenFollowers(const MatchmakingOptions& options, int followers) {
+    results_.resize(1 + followers);
+    threads_.emplace_back([this, options] { results_[0] = matchmakers_[0]->FormGroup(options); });
+    ASSERT_TRUE(world_.WaitUntil([&] { return world_.LiveSubkeys(options.group_key) == 1; },
+                                 milliseconds(5000)));
+    busy_leader_->gated = true;
+    ASSERT_TRUE(busy_leader_->read_started.WaitFor(milliseconds(5000)));
+    for (int i = 1; i <= followers; ++i) {
+      follower_envs_.push_back(world_.AddPeer());
+      matchmakers_.push_back(std::make_unique<Matchmaker>(follower_envs_.back()));
+      threads_.emplace_back(
+          [this, i, options] { results_[i] = matchmakers_[i]->FormGroup(options); });
+    }
+  }
+
+  size_t ServedByLeader(const std::string& method) {
+    return world_.CallsServed(busy_leader_->peer_id(), method);
+  }
+
+  // Lets the leader go on, waits for every search, and checks that they all formed one group.
+  void ReleaseLeaderAndExpectOneGroup() {
+    busy_leader_->gated = false;
+    busy_leader_->release.Notify();
+    for (auto& thread : threads_) thread.join();
+    threads_.clear();
+    for (auto& result : results_) ASSERT_TRUE(result->ok()) << result->status().ToString();
+    for (auto& result : results_) {
+      EXPECT_EQ((*result)->group.members.size(), results_.size());
+      EXPECT_EQ((*result)->group.Digest(), (*results_[0])->group.Digest());
+    }
+    EXPECT_TRUE((*results_[0])->led);
+  }
+
+  void TearDown() override {
+    busy_leader_->release.Notify();
+    for (auto& thread : threads_) thread.join();
+  }
+
+  SimMatchmakingWorld world_;
+  std::shared_ptr<GatedReadsEnv> busy_leader_;
+  std::vector<std::shared_ptr<MatchmakingEnv>> follower_envs_;
+  std::vector<std::unique_ptr<Matchmaker>> matchmakers_;
+  std::vector<std::optional<Result<FormedGroup>>> results_;
+  std::vector<std::thread> threads_;
+};
+
 // Followers that a leader accepted wait for it while it answers that it still counts them in,
 // however far past its window it is. They used to give up after the window + request_timeout and
 // never ask it again: with every follower gone that way, no group of min_group_size could form
 // under the key (64 real peers on a loaded machine, 2 runs in 3).
-TEST(MatchmakingFollowerCheckTest, FollowersWaitForABusyLeaderThatStillCountsThemIn) {
-  SimMatchmakingWorld world;
-  auto busy_leader = std::make_shared<GatedReadsEnv>(world.AddPeer());
-  std::vector<std::unique_ptr<Matchmaker>> matchmakers;
-  matchmakers.push_back(std::make_unique<Matchmaker>(busy_leader));
-  for (int i = 0; i < 2; ++i) matchmakers.push_back(std::make_unique<Matchmaker>(world.AddPeer()));
-  MatchmakingOptions options;
-  options.group_key = "busy-leader";
-  options.schema_hash = "schema-1";
-  options.min_group_size = 3;
-  options.target_group_size = 3;
-  options.window = milliseconds(100);
-  options.request_timeout = milliseconds(200);
-  options.timeout = milliseconds(10000);
-
-  std::vector<std::optional<Result<FormedGroup>>> results(3);
-  std::vector<std::thread> threads;
-  threads.emplace_back([&] { results[0] = matchmakers[0]->FormGroup(options); });
-  // The leader declares first (so it leads), and is inside a read that does not end when the
-  // others join.
-  ASSERT_TRUE(
-      world.WaitUntil([&] { return world.LiveSubkeys("busy-leader") == 1; }, milliseconds(5000)));
-  busy_leader->gated = true;
-  ASSERT_TRUE(busy_leader->read_started.WaitFor(milliseconds(5000)));
-  for (int i = 1; i < 3; ++i) {
-    threads.emplace_back([&, i] { results[i] = matchmakers[i]->FormGroup(options); });
-  }
+TEST_F(BusyLeaderTest, FollowersWaitForABusyLeaderThatStillCountsThemIn) {
+  ASSERT_NO_FATAL_FAILURE(
+      StartLeaderInASlowReadThenFollowers(Options("busy-leader", 3, 3, milliseconds(200)), 2));
   // Each follower checks on the leader every request_timeout. Six checks in all take each of them
   // well past the seal time + request_timeout after which they used to leave.
-  EXPECT_TRUE(world.WaitUntil(
-      [&] { return world.CallsServed(busy_leader->peer_id(), "matchmaking.v1.alive") >= 6; },
-      milliseconds(5000)));
-  busy_leader->gated = false;
-  busy_leader->release.Notify();
-  for (auto& thread : threads) thread.join();
-  for (auto& result : results) ASSERT_TRUE(result->ok()) << result->status().ToString();
-  for (auto& result : results) {
-    EXPECT_EQ((*result)->group.members.size(), 3u);
-    EXPECT_EQ((*result)->group.Digest(), (*results[0])->group.Digest());
-  }
-  EXPECT_TRUE((*results[0])->led);
+  EXPECT_TRUE(world_.WaitUntil([&] { return ServedByLeader("matchmaking.v1.alive") >= 6; },
+                               milliseconds(5000)));
+  ReleaseLeaderAndExpectOneGroup();
 }
 
 // A full leader's refusal lists its members, and the refused peer does not ask them one by one
 // (each would only answer "following" that leader): under one key, walking past k full groups
-// costs k round trips instead of k x target. The leader is held in a DHT read so that its full
-// group stays unsealed while a later peer asks it.
-TEST(MatchmakingFullGroupTest, ARefusedPeerSkipsTheFullGroupsMembers) {
-  SimMatchmakingWorld world;
-  auto busy_leader = std::make_shared<GatedReadsEnv>(world.AddPeer());
-  std::vector<std::shared_ptr<MatchmakingEnv>> followers = {world.AddPeer(), world.AddPeer()};
-  auto late = world.AddPeer();
-  std::vector<std::unique_ptr<Matchmaker>> matchmakers;
-  matchmakers.push_back(std::make_unique<Matchmaker>(busy_leader));
-  for (auto& env : followers) matchmakers.push_back(std::make_unique<Matchmaker>(env));
-  matchmakers.push_back(std::make_unique<Matchmaker>(late));
-  MatchmakingOptions options;
-  options.group_key = "full-group";
-  options.schema_hash = "schema-1";
-  options.min_group_size = 2;
-  options.target_group_size = 3;
-  options.window = milliseconds(100);
-  options.request_timeout = milliseconds(2000);
-  options.timeout = milliseconds(10000);
-
-  std::vector<std::optional<Result<FormedGroup>>> results(4);
-  std::vector<std::thread> threads;
-  threads.emplace_back([&] { results[0] = matchmakers[0]->FormGroup(options); });
-  ASSERT_TRUE(
-      world.WaitUntil([&] { return world.LiveSubkeys("full-group") == 1; }, milliseconds(5000)));
-  busy_leader->gated = true;
-  ASSERT_TRUE(busy_leader->read_started.WaitFor(milliseconds(5000)));
-  for (int i = 1; i <= 2; ++i) {
-    threads.emplace_back([&, i] { results[i] = matchmakers[i]->FormGroup(options); });
-  }
-  ASSERT_TRUE(world.WaitUntil(
-      [&] { return world.CallsServed(busy_leader->peer_id(), "matchmaking.v1.join") == 2; },
-      milliseconds(5000)));
+// costs k round trips instead of k x target. The busy leader's full group stays unsealed while a
+// later peer asks it.
+TEST_F(BusyLeaderTest, ARefusedPeerSkipsTheFullGroupsMembers) {
+  const auto options = Options("full-group", 2, 3, milliseconds(2000));
+  ASSERT_NO_FATAL_FAILURE(StartLeaderInASlowReadThenFollowers(options, 2));
+  ASSERT_TRUE(world_.WaitUntil([&] { return ServedByLeader("matchmaking.v1.join") == 2; },
+                               milliseconds(5000)));
   // Declared after the two followers, so it may ask all three. Alone it cannot form a group: its
   // search ends at its timeout, well before the skip (request_timeout) would lapse.
+  auto late = world_.AddPeer();
+  Matchmaker late_matchmaker(late);
   MatchmakingOptions late_options = options;
   late_options.timeout = milliseconds(800);
-  auto refused = matchmakers[3]->FormGroup(late_options);
+  auto refused = late_matchmaker.FormGroup(late_options);
   EXPECT_EQ(refused.status().code(), StatusCode::kDeadlineExceeded);
-  EXPECT_EQ(world.CallsServed(busy_leader->peer_id(), "matchmaking.v1.join"), 3u);
-  for (auto& env : followers) {
-    EXPECT_EQ(world.CallsServed(env->peer_id(), "matchmaking.v1.join"), 0u)
+  EXPECT_EQ(ServedByLeader("matchmaking.v1.join"), 3u);
+  for (const auto& follower : follower_envs_) {
+    EXPECT_EQ(world_.CallsServed(follower->peer_id(), "matchmaking.v1.join"), 0u)
         << "the refused peer asked a member of the full group";
   }
-
-  busy_leader->gated = false;
-  busy_leader->release.Notify();
-  for (auto& thread : threads) thread.join();
-  for (int i = 0; i < 3; ++i) {
-    ASSERT_TRUE(results[i]->ok()) << results[i]->status().ToString();
-    EXPECT_EQ((*results[i])->group.members.size(), 3u);
-  }
+  ReleaseLeaderAndExpectOneGroup();
 }
 
 }  // namespace

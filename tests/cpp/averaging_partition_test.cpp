@@ -1,9 +1,15 @@
-// Group validation, load balancing and partitioning: everyone must compute the same split.
+// Group validation, load balancing and partitioning: everyone must compute the same split. Load
+// balancing (averaging/load_balance.h) is checked against DeDLOC's worked cases, the closed form
+// for groups of normal members, and a brute-force search over splits.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <functional>
 #include <numeric>
+#include <random>
 
 #include "averaging/group.h"
+#include "averaging/load_balance.h"
 #include "averaging/partition.h"
 #include "net/identity.h"
 
@@ -139,6 +145,136 @@ TEST(Group, DigestIgnoresMyIndexButNotMembers) {
   other.id = "group-2";
   EXPECT_NE(group.Digest(), other.Digest());
   EXPECT_EQ(group.ReducerOrder(), (std::vector<int>{0, 1}));
+}
+
+Group Normal(const std::vector<double>& bandwidths) {
+  return MakeGroup(std::vector<MemberMode>(bandwidths.size(), MemberMode::kNormal), bandwidths);
+}
+
+std::vector<size_t> Shares(const Group& group, size_t total) {
+  return SplitProportionally(total, BalancedShareFractions(group));
+}
+
+// DeDLOC's cases (docs/papers reference B7): two fast and two slow peers, the fast ones reduce
+// everything and the round takes S / 50 instead of S / 50 * 1.5 with equal shares; one very fast
+// peer acts as a parameter server.
+TEST(LoadBalance, FastPeersTakeTheSharesOfSlowOnes) {
+  const size_t total = 1000000;
+  Group mixed = Normal({100, 100, 50, 50});
+  EXPECT_EQ(Shares(mixed, total), (std::vector<size_t>{500000, 500000, 0, 0}));
+  EXPECT_NEAR(ModelRoundTime(mixed, Shares(mixed, total), total), 1.0 / 50, 1e-12);
+  const std::vector<size_t> equal(4, total / 4);
+  EXPECT_NEAR(ModelRoundTime(mixed, equal, total), 1.5 / 50, 1e-12);
+
+  Group server = Normal({1000, 100, 100, 100});
+  EXPECT_EQ(Shares(server, total), (std::vector<size_t>{total, 0, 0, 0}));
+  EXPECT_NEAR(ModelRoundTime(server, Shares(server, total), total), 1.0 / 100, 1e-12);
+}
+
+TEST(LoadBalance, EqualBandwidthsGiveEqualShares) {
+  for (size_t n : {1, 2, 3, 5, 8}) {
+    auto shares = Shares(Normal(std::vector<double>(n, 7.5)), 1003);
+    EXPECT_LE(*std::max_element(shares.begin(), shares.end()),
+              *std::min_element(shares.begin(), shares.end()) + 1)
+        << n;
+  }
+}
+
+// For normal members only, the optimum is max(1 / b_min, 2 (n - 1) / sum b) (bytes per unit of
+// the vector); the balancer must reach it for any bandwidths.
+TEST(LoadBalance, NormalMembersReachTheClosedFormOptimum) {
+  std::mt19937 rng(5);
+  for (int trial = 0; trial < 400; ++trial) {
+    const size_t n = 3 + rng() % 14;
+    std::vector<double> bandwidths(n);
+    for (auto& b : bandwidths) b = 1.0 + rng() % 1000;
+    Group group = Normal(bandwidths);
+    auto fractions = BalancedShareFractions(group);
+    EXPECT_NEAR(std::accumulate(fractions.begin(), fractions.end(), 0.0), 1.0, 1e-12);
+    const double b_min = *std::min_element(bandwidths.begin(), bandwidths.end());
+    const double sum = std::accumulate(bandwidths.begin(), bandwidths.end(), 0.0);
+    const double optimum = std::max(1.0 / b_min, 2.0 * (n - 1) / sum);
+    const size_t total = size_t{1} << 30;  // rounding to whole elements is then negligible
+    EXPECT_NEAR(ModelRoundTime(group, Shares(group, total), total), optimum, 1e-6 * optimum)
+        << "trial " << trial;
+  }
+}
+
+// With clients and auxiliary members no closed form is at hand: no split of a coarse grid may
+// beat the balancer, and it never does worse than shares proportional to bandwidth (the rule it
+// replaced).
+TEST(LoadBalance, NoSplitBeatsTheBalancerWithClientsAndAuxiliaries) {
+  std::mt19937 rng(9);
+  const size_t total = 24;  // every split of 24 elements among the reducers is tried
+  for (int trial = 0; trial < 300; ++trial) {
+    const size_t n = 3 + rng() % 3;
+    std::vector<MemberMode> modes(n, MemberMode::kNormal);
+    std::vector<double> bandwidths(n);
+    for (size_t i = 0; i < n; ++i) {
+      bandwidths[i] = 1.0 + rng() % 20;
+      const unsigned roll = rng() % 4;
+      if (roll == 0) modes[i] = MemberMode::kClient;
+      if (roll == 1) modes[i] = MemberMode::kAuxiliary;
+    }
+    modes[0] = MemberMode::kNormal;  // someone reduces and someone contributes
+    Group group = MakeGroup(modes, bandwidths);
+    const auto balanced = BalancedShareFractions(group);
+    const double fine_total = 1e9;
+    std::vector<size_t> fine(n);
+    for (size_t i = 0; i < n; ++i) fine[i] = static_cast<size_t>(balanced[i] * fine_total);
+    fine[0] += static_cast<size_t>(fine_total) - std::accumulate(fine.begin(), fine.end(), 0ul);
+    const double best = ModelRoundTime(group, fine, static_cast<size_t>(fine_total));
+
+    std::vector<double> proportional(n, 0.0);
+    for (size_t i = 0; i < n; ++i) {
+      if (group.members[i].can_reduce()) proportional[i] = bandwidths[i];
+    }
+    EXPECT_LE(best, ModelRoundTime(group, SplitProportionally(total, proportional), total) + 1e-7)
+        << "trial " << trial;
+
+    // Every composition of `total` among the members that can reduce.
+    std::vector<size_t> split(n, 0);
+    std::function<void(size_t, size_t)> visit = [&](size_t i, size_t left) {
+      if (i + 1 == n) {
+        if (left > 0 && !group.members[i].can_reduce()) return;
+        split[i] = left;
+        EXPECT_LE(best, ModelRoundTime(group, split, total) + 1e-7) << "trial " << trial;
+        return;
+      }
+      const size_t most = group.members[i].can_reduce() ? left : 0;
+      for (size_t s = 0; s <= most; ++s) {
+        split[i] = s;
+        visit(i + 1, left - s);
+      }
+    };
+    visit(0, total);
+  }
+}
+
+TEST(LoadBalance, MembersThatCannotReduceGetNothing) {
+  Group group = MakeGroup({MemberMode::kNormal, MemberMode::kClient, MemberMode::kNormal,
+                           MemberMode::kNormal, MemberMode::kAuxiliary},
+                          {1, 50, 0, 2, 3});
+  auto fractions = BalancedShareFractions(group);
+  EXPECT_EQ(fractions[1], 0.0);           // a client, however fast
+  EXPECT_EQ(fractions[2], 0.0);           // bandwidth 0: never reduces
+  EXPECT_GT(fractions[4], fractions[3]);  // an auxiliary peer sends nothing of its own
+  EXPECT_NEAR(std::accumulate(fractions.begin(), fractions.end(), 0.0), 1.0, 1e-12);
+}
+
+TEST(LoadBalance, PartitionsOfDifferentSplitsHaveDifferentDigests) {
+  Group group = Normal({100, 100, 50, 50});
+  auto a = Partition::Make(group, 1000, 64);
+  auto b = Partition::Make(group, 1000, 64);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(a->Digest(), b->Digest());
+  group.members[2].bandwidth = 200;
+  auto c = Partition::Make(group, 1000, 64);
+  ASSERT_TRUE(c.ok());
+  EXPECT_NE(a->Digest(), c->Digest());
+  auto d = Partition::Make(Normal({100, 100, 50, 50}), 1000, 32);
+  ASSERT_TRUE(d.ok());
+  EXPECT_NE(a->Digest(), d->Digest());
 }
 
 }  // namespace
