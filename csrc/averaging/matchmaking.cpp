@@ -326,6 +326,8 @@ class SearchRun {
     suggested_.insert(suggested_.begin(), std::move(next));
   }
   void SkipMembersOf(const wire::JoinReply& full);
+  // Tells a leader that accepted us, or may have, that we are gone.
+  void Leave(const Candidate& leader);
   void Disband(std::vector<Follower> followers, const Candidate* suggestion,
                const std::string& why);
   Status Failure() const;
@@ -479,6 +481,13 @@ std::optional<Candidate> SearchRun::NextCandidate() {
   return std::nullopt;
 }
 
+void SearchRun::Leave(const Candidate& leader) {
+  wire::LeaveRequest leave;
+  leave.set_group_key(options().group_key);
+  leave.set_search_id(search_->search_id);
+  env_.Call(leader.address, kLeaveMethod, Encode(leave), RequestTimeout());  // best effort
+}
+
 void SearchRun::SkipMembersOf(const wire::JoinReply& full) {
   // Not for good: were the leader to die before its hand-out, its members would search again.
   const auto until = SteadyClock::now() + options().request_timeout;
@@ -541,6 +550,10 @@ SearchRun::Attempt SearchRun::TryJoin(const Candidate& candidate) {
   if (!answer) call.Cancel();
   wire::JoinReply reply;
   if (!answer || !answer->ok() || !reply.ParseFromString(answer->value().header)) {
+    // A join whose answer is late may still have been accepted: say we left, or the leader could
+    // hand its group to a member that takes no part (it would show up as unconfirmed, and the
+    // all-reduce would wait for it).
+    if (!answer || answer->status().code() == StatusCode::kDeadlineExceeded) Leave(candidate);
     done_with_.insert(id);
     Note("candidate leader " + candidate.peer.ShortString() + " did not answer (" +
          (answer && !answer->ok() ? answer->status().ToString() : std::string("no reply")) + ")");
@@ -647,10 +660,7 @@ SearchRun::Attempt SearchRun::TryJoin(const Candidate& candidate) {
     }
   }
   if (!message) {
-    wire::LeaveRequest leave;
-    leave.set_group_key(options().group_key);
-    leave.set_search_id(search_->search_id);
-    env_.Call(candidate.address, kLeaveMethod, Encode(leave), RequestTimeout());
+    Leave(candidate);
     done_with_.insert(id);
     Note(leader_died ? "leader " + candidate.peer.ShortString() + " died after accepting us"
          : dropped

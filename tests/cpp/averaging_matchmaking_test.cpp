@@ -375,14 +375,10 @@ TEST_F(MatchmakingTest, MoshpitKeysMixPairsAcrossRounds) {
   for (double v : values) EXPECT_DOUBLE_EQ(v, 4.0);
 }
 
-// A MatchmakingEnv whose DHT reads, once `gated` is set, wait for `release`: a leader on a loaded
-// machine (64 real peers on 2 cores) was seen spending seconds in one read.
-class GatedReadsEnv : public MatchmakingEnv {
+// Another peer's env, forwarded; the tests below override what they perturb.
+class ForwardingEnv : public MatchmakingEnv {
  public:
-  explicit GatedReadsEnv(std::shared_ptr<MatchmakingEnv> inner) : inner_(std::move(inner)) {}
-  std::atomic<bool> gated{false};
-  test::Notification read_started;
-  test::Notification release;
+  explicit ForwardingEnv(std::shared_ptr<MatchmakingEnv> inner) : inner_(std::move(inner)) {}
 
   Future<dht::DhtRunnerStoreResult> StoreSubkey(const std::string& key, const std::string& subkey,
                                                 std::string value,
@@ -390,10 +386,6 @@ class GatedReadsEnv : public MatchmakingEnv {
     return inner_->StoreSubkey(key, subkey, std::move(value), expiration);
   }
   Future<std::optional<dht::DhtRunnerValue>> GetLatest(const std::string& key) override {
-    if (gated) {
-      read_started.Notify();
-      release.WaitFor(milliseconds(20000));
-    }
     return inner_->GetLatest(key);
   }
   dht::DhtTime Now() const override { return inner_->Now(); }
@@ -414,6 +406,62 @@ class GatedReadsEnv : public MatchmakingEnv {
 
  private:
   std::shared_ptr<MatchmakingEnv> inner_;
+};
+
+// A peer whose DHT reads, once `gated` is set, wait for `release`: a leader on a loaded machine
+// (64 real peers on 2 cores) was seen spending seconds in one read.
+class GatedReadsEnv : public ForwardingEnv {
+ public:
+  using ForwardingEnv::ForwardingEnv;
+  std::atomic<bool> gated{false};
+  test::Notification read_started;
+  test::Notification release;
+
+  Future<std::optional<dht::DhtRunnerValue>> GetLatest(const std::string& key) override {
+    if (gated) {
+      read_started.Notify();
+      release.WaitFor(milliseconds(20000));
+    }
+    return ForwardingEnv::GetLatest(key);
+  }
+};
+
+// A peer that handles the first join it is asked at once but holds its answer until `release`:
+// the answer reaches the asker after its request_timeout, as on a link that stalls.
+class HeldFirstJoinReplyEnv : public ForwardingEnv {
+ public:
+  using ForwardingEnv::ForwardingEnv;
+  test::Notification release;
+
+  ~HeldFirstJoinReplyEnv() override {
+    release.Notify();
+    if (holder_.joinable()) holder_.join();
+  }
+
+  void RegisterUnary(const std::string& method, net::UnaryHandler handler) override {
+    if (method != "matchmaking.v1.join") {
+      ForwardingEnv::RegisterUnary(method, std::move(handler));
+      return;
+    }
+    ForwardingEnv::RegisterUnary(
+        method,
+        [this, handler](const net::CallContext& ctx, net::Message request, net::Responder respond) {
+          if (held_.exchange(true)) {
+            handler(ctx, std::move(request), std::move(respond));
+            return;
+          }
+          handler(ctx, std::move(request), [this, respond](Result<net::Message> answer) {
+            holder_ = std::thread([this, respond, answer = std::move(answer)]() mutable {
+              release.WaitFor(milliseconds(20000));
+              respond(std::move(answer));
+            });
+          });
+        });
+  }
+
+ private:
+  std::atomic<bool> held_{false};
+  std::thread holder_;
 };
 
 // A sim world whose first peer leads a group under `options.group_key` while stuck in a DHT read
@@ -523,6 +571,56 @@ TEST_F(BusyLeaderTest, ARefusedPeerSkipsTheFullGroupsMembers) {
         << "the refused peer asked a member of the full group";
   }
   ReleaseLeaderAndExpectOneGroup();
+}
+
+// A peer whose join answer comes after its request_timeout may have been accepted all the same.
+// It tells that leader it left, so the group the leader hands out holds only members that take
+// part. Before, the leader listed it, its hand-out was refused, and the group reported it as an
+// unconfirmed member (the all-reduce then waits for it).
+TEST(MatchmakingLateJoinAnswerTest, APeerThatGaveUpOnAJoinIsNotHandedTheGroup) {
+  SimMatchmakingWorld world;
+  auto leader = std::make_shared<HeldFirstJoinReplyEnv>(world.AddPeer());
+  auto gave_up = world.AddPeer();
+  auto other = world.AddPeer();
+  Matchmaker leader_matchmaker(leader);
+  Matchmaker gave_up_matchmaker(gave_up);
+  Matchmaker other_matchmaker(other);
+  MatchmakingOptions options;
+  options.group_key = "late-answer";
+  options.schema_hash = "schema-1";
+  options.min_group_size = 2;
+  options.target_group_size = 3;  // with the peer that gave up still listed, the group fills
+  options.window = milliseconds(2000);
+  options.request_timeout = milliseconds(300);
+  options.timeout = milliseconds(5000);
+
+  std::optional<Result<FormedGroup>> led, gave_up_result, other_result;
+  std::thread leader_thread([&] { led = leader_matchmaker.FormGroup(options); });
+  ASSERT_TRUE(
+      world.WaitUntil([&] { return world.LiveSubkeys("late-answer") == 1; }, milliseconds(5000)));
+  MatchmakingOptions short_search = options;
+  short_search.timeout = milliseconds(1500);
+  std::thread gave_up_thread([&] { gave_up_result = gave_up_matchmaker.FormGroup(short_search); });
+  // Its join was accepted, the answer is held, and it gives up on it after request_timeout.
+  EXPECT_TRUE(world.WaitUntil(
+      [&] { return world.CallsServed(leader->peer_id(), "matchmaking.v1.leave") == 1; },
+      milliseconds(5000)));
+  leader->release.Notify();
+  std::thread other_thread([&] { other_result = other_matchmaker.FormGroup(options); });
+  leader_thread.join();
+  other_thread.join();
+  gave_up_thread.join();
+
+  ASSERT_TRUE(led->ok()) << led->status().ToString();
+  ASSERT_TRUE(other_result->ok()) << other_result->status().ToString();
+  EXPECT_EQ((*led)->group.members.size(), 2u);
+  EXPECT_TRUE((*led)->unconfirmed_members.empty());
+  for (const auto& member : (*led)->group.members) {
+    EXPECT_NE(member.address.peer_id, gave_up->peer_id());
+  }
+  EXPECT_EQ((*other_result)->group.Digest(), (*led)->group.Digest());
+  // Alone under the key afterwards (it asks only earlier peers), it fails at its timeout.
+  EXPECT_EQ(gave_up_result->status().code(), StatusCode::kDeadlineExceeded);
 }
 
 }  // namespace
