@@ -25,6 +25,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -95,6 +96,12 @@ struct Config {
   int grace_ms = 0;
   // Codec for the whole vector (AllReduceOptions::codecs); "none" sends raw float32.
   std::string codec = "none";
+  // Declared bandwidth of group member i (the load balancer sizes shares by them); empty: all 1.
+  std::vector<double> bandwidths;
+  // Worker w runs in network namespace netns[w].first and listens on netns[w].second
+  // (benchmarks/benchmark_load_balance.sh shapes each namespace's link); empty: 127.0.0.1.
+  std::vector<std::pair<std::string, std::string>> netns;
+  std::string listen_ip = "127.0.0.1";  // a worker's, from --listen-ip
 };
 
 // The user-facing codec names (hivemind_backend/compression.py).
@@ -165,7 +172,8 @@ void PrintUsage() {
       "usage: benchmark_averaging [--sizes=4M,16M,64M] [--peers=2,4] [--groups=1] [--rounds=5]\n"
       "                           [--warmup=1] [--encrypt] [--json] [--quick]\n"
       "                           [--part-elements=262144] [--timeout=120] [--grace-ms=0]\n"
-      "                           [--no-tcp-reference] [--codec=none]\n"
+      "                           [--no-tcp-reference] [--codec=none] [--bandwidths=B0,B1,..]\n"
+      "                           [--netns=NS0@IP0,NS1@IP1,..]\n"
       "  --sizes      float32 vector sizes in bytes (suffix K, M, G = KiB, MiB, GiB; multiple of "
       "4)\n"
       "  --peers      group sizes n; each peer is its own process\n"
@@ -177,7 +185,10 @@ void PrintUsage() {
       "  --quick      sizes 1M,4M, peers 2,4, 2 rounds (smoke run)\n"
       "  --timeout    seconds one round may take before it fails\n"
       "  --codec      none, float16, scaled_float16, uniform8, quantile8 or blockwise8: parts and\n"
-      "               results travel encoded (results are then checked within 2%%, not exactly)\n");
+      "               results travel encoded (results are then checked within 2%%, not exactly)\n"
+      "  --bandwidths declared bandwidth of member i of each group (shares are balanced by them)\n"
+      "  --netns      worker w runs in network namespace NSw, listening on IPw (needs root; see\n"
+      "               benchmarks/benchmark_load_balance.sh)\n");
 }
 
 bool ParseFlags(int argc, char** argv, Config& config) {
@@ -252,6 +263,27 @@ bool ParseFlags(int argc, char** argv, Config& config) {
             "give none, float16, scaled_float16, uniform8, "
             "quantile8 or blockwise8");
       config.codec = *codec;
+    } else if (auto bandwidths = value_of("--bandwidths")) {
+      config.bandwidths.clear();
+      for (const auto& item : Split(*bandwidths, ',')) {
+        char* end = nullptr;
+        const double b = std::strtod(item.c_str(), &end);
+        if (item.empty() || *end != '\0' || !std::isfinite(b) || b < 0) {
+          return bad("give finite bandwidths >= 0, e.g. 100,100,50,50");
+        }
+        config.bandwidths.push_back(b);
+      }
+    } else if (auto netns = value_of("--netns")) {
+      config.netns.clear();
+      for (const auto& item : Split(*netns, ',')) {
+        const size_t at = item.find('@');
+        if (at == std::string::npos || at == 0 || at + 1 == item.size()) {
+          return bad("give NAMESPACE@IP per worker, e.g. hm0@10.77.0.1,hm1@10.77.0.2");
+        }
+        config.netns.emplace_back(item.substr(0, at), item.substr(at + 1));
+      }
+    } else if (auto ip = value_of("--listen-ip")) {
+      config.listen_ip = *ip;
     } else if (auto grace = value_of("--grace-ms")) {
       auto value = ParseInt(*grace, 0, 600000);
       if (!value) return bad("give 0 .. 600000 ms");
@@ -371,7 +403,7 @@ int RunWorker(const Config& config, int read_fd, int write_fd) {
   Channel parent(read_fd, write_fd);
   hm::SetLogLevel(hm::LogLevel::kWarning);
   net::NodeOptions node_options;
-  node_options.listen_addresses = {"/ip4/127.0.0.1/tcp/0"};
+  node_options.listen_addresses = {"/ip4/" + config.listen_ip + "/tcp/0"};
   node_options.encryption = config.encrypt;
   auto started = net::Node::Start(node_options);
   if (!started.ok()) {
@@ -425,6 +457,8 @@ int RunWorker(const Config& config, int read_fd, int write_fd) {
         }
         avg::GroupMember member;
         member.address = *peer;
+        const size_t index = group.members.size();
+        if (index < config.bandwidths.size()) member.bandwidth = config.bandwidths[index];
         group.members.push_back(member);
       }
       if (!parsed.ok()) {
@@ -501,6 +535,11 @@ class Workers {
 
   // fork + exec of this binary with --worker; the pipes are the worker's only link to us.
   Status Spawn(const Config& config, int count, char** argv) {
+    if (!config.netns.empty() && config.netns.size() < static_cast<size_t>(count)) {
+      return Status(StatusCode::kInvalidArgument,
+                    "--netns names " + std::to_string(config.netns.size()) +
+                        " namespaces; the run needs one per worker: " + std::to_string(count));
+    }
     for (int w = 0; w < count; ++w) {
       int to_worker[2];
       int from_worker[2];
@@ -518,6 +557,19 @@ class Workers {
           "--part-elements=" + std::to_string(config.part_elements),
           "--codec=" + config.codec};
       if (config.encrypt) args.push_back("--encrypt");
+      if (!config.bandwidths.empty()) {
+        std::ostringstream bandwidths;
+        bandwidths.precision(17);  // the workers must declare exactly what the parent was given
+        for (size_t i = 0; i < config.bandwidths.size(); ++i) {
+          bandwidths << (i ? "," : "") << config.bandwidths[i];
+        }
+        args.push_back("--bandwidths=" + bandwidths.str());
+      }
+      std::string netns_path;
+      if (!config.netns.empty()) {
+        netns_path = "/var/run/netns/" + config.netns[w].first;
+        args.push_back("--listen-ip=" + config.netns[w].second);
+      }
       std::vector<char*> raw;
       for (auto& arg : args) raw.push_back(arg.data());
       raw.push_back(nullptr);
@@ -527,6 +579,14 @@ class Workers {
         // The worker keeps its two pipe ends (the close-on-exec flag off); every other pipe closes.
         ::fcntl(to_worker[0], F_SETFD, 0);
         ::fcntl(from_worker[1], F_SETFD, 0);
+        if (!netns_path.empty()) {
+          const int ns = ::open(netns_path.c_str(), O_RDONLY | O_CLOEXEC);
+          if (ns < 0 || ::setns(ns, CLONE_NEWNET) != 0) {
+            std::fprintf(stderr, "entering network namespace %s failed: %s\n", netns_path.c_str(),
+                         std::strerror(errno));
+            ::_exit(127);
+          }
+        }
         ::execv("/proc/self/exe", raw.data());
         std::fprintf(stderr, "exec of the worker failed: %s\n", std::strerror(errno));
         ::_exit(127);
