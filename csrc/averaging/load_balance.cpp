@@ -50,8 +50,8 @@ std::vector<double> BalancedShareFractions(const Group& group) {
   std::vector<double> fractions(group.members.size(), 0.0);
   if (reducers.empty()) return fractions;
   // The smallest time at which the allowed fractions can sum to 1, by bisection: the allowed
-  // intervals only widen as time grows. A fixed number of halvings, so that every member ends
-  // on the same double.
+  // intervals only widen as time grows. Halving until the doubles stop moving: the same steps,
+  // and so the same result, on every member.
   auto sums = [&](double time) {
     double low = 0, high = 0;
     for (const Reducer& r : reducers) {
@@ -69,7 +69,11 @@ std::vector<double> BalancedShareFractions(const Group& group) {
     const double middle = too_short + (fits - too_short) / 2;
     if (middle <= too_short || middle >= fits) break;
     const auto [low, high] = sums(middle);
-    (low <= 1.0 && high >= 1.0 ? fits : too_short) = middle;
+    if (low <= 1.0 && high >= 1.0) {
+      fits = middle;
+    } else {
+      too_short = middle;
+    }
   }
   // Where several splits are as fast (two contributors: a normal member's bytes do not depend on
   // its share), the slack is spread evenly over the allowed intervals.

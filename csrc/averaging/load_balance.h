@@ -8,7 +8,7 @@
 //   auxiliary member: S * m * w
 //   client member:    S
 // bytes, and the round lasts as long as the slowest member's bytes / bandwidth. The fractions
-// minimize that maximum (a linear program whose optimum is found exactly by water-filling).
+// minimize that maximum (a linear program, solved by bisection on the round time).
 #pragma once
 
 #include <cstddef>
