@@ -174,7 +174,8 @@ class DecentralizedAverager(StateSharingMixin):
       backup reducer (20 s; keep it above ``sender_timeout``).
     :param part_size_bytes: all-reduce part size in bytes of float32 (512 KiB, as hivemind).
     :param bandwidth: this peer's relative link capacity; the shares to reduce are balanced so
-        that the round ends first given every member's bandwidth (docs/averaging.md).
+        that the round ends first given every member's bandwidth (docs/averaging.md). None (the
+        default): undeclared, taken as the mean of the bandwidths the group's others declared.
     :param client_mode: contribute and receive but reduce nothing (for peers nobody can dial).
       ``None``: the DHT's ``client_mode``.
     :param auxiliary: reduce for others but contribute nothing and receive no result; the tensors
@@ -252,9 +253,11 @@ class DecentralizedAverager(StateSharingMixin):
             raise ValueError("auxiliary and client_mode are incompatible: an auxiliary peer "
                              "reduces for others, so they must be able to connect to it")
         if bandwidth is None:
-            bandwidth = 1.0
-        if isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float)):
+            bandwidth = _C._UNDECLARED_BANDWIDTH
+        elif isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float)):
             raise TypeError(f"bandwidth must be a number, got {type(bandwidth).__name__}")
+        elif not math.isfinite(bandwidth) or bandwidth < 0:
+            raise ValueError(f"bandwidth must be a finite number >= 0, got {bandwidth}")
         part_size_bytes = _int("part_size_bytes", part_size_bytes, 4)
         if not isinstance(initial_group_bits, str):
             raise TypeError(f"initial_group_bits must be a str of 0/1, got "
@@ -494,6 +497,9 @@ class DecentralizedAverager(StateSharingMixin):
             somewhere |= set(contributors)
         if not parts:
             everywhere = set()
+        shares = dict.fromkeys(peer_ids, 0)  # elements of the vector each member was to reduce
+        for _begin, size, share, _reduced_by, _contributors in parts:
+            shares[peer_ids[share]] += size
         self.last_report = {
             "error": None,
             "group_id": formed.group_id.hex(),
@@ -506,6 +512,7 @@ class DecentralizedAverager(StateSharingMixin):
             # failed or were excluded midway: the parts they miss are averaged without them).
             "contributors": [peer_ids[i] for i in sorted(everywhere)],
             "partial_contributors": [peer_ids[i] for i in sorted(somewhere - everywhere)],
+            "shares": shares,
             "failed_peers": [peer_ids[i] for i in report["failed_members"]],
             "failures": report["failures"],
             "takeovers": report["takeovers"],

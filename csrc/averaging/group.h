@@ -20,6 +20,13 @@ enum class MemberMode {
 
 const char* MemberModeName(MemberMode mode);
 
+// A member that did not declare its bandwidth: the load balancer assumes the mean of the declared
+// ones (1 when nobody declared), as hivemind does for `bandwidth=None`.
+constexpr double kUndeclaredBandwidth = -1.0;
+
+// Finite and >= 0, or kUndeclaredBandwidth.
+bool IsValidBandwidth(double bandwidth);
+
 struct GroupMember {
   net::PeerAddress address;
   // Relative link capacity (declared bandwidth); shares are balanced by it (load_balance.h); 0
@@ -28,7 +35,7 @@ struct GroupMember {
   MemberMode mode = MemberMode::kNormal;
 
   bool contributes() const { return mode != MemberMode::kAuxiliary; }
-  bool can_reduce() const { return mode != MemberMode::kClient && bandwidth > 0; }
+  bool can_reduce() const { return mode != MemberMode::kClient && bandwidth != 0; }
 };
 
 // Everyone in the group must hold the same `id` and the same ordered `members` (matchmaking hands
@@ -41,7 +48,7 @@ struct Group {
   static constexpr size_t kMaxMembers = 4096;
   static constexpr size_t kMaxIdBytes = 256;
 
-  // Checks sizes, my_index, bandwidths (finite, >= 0) and that someone can reduce.
+  // Checks sizes, my_index, bandwidths (IsValidBandwidth) and that someone can reduce.
   Status Validate() const;
   // 32-byte fingerprint of id, members (peer ids, modes, bandwidths) in order; not of my_index.
   std::string Digest() const;

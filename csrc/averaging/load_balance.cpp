@@ -16,6 +16,25 @@ struct Reducer {
   double slope;  // per unit of share: m - 2 for a contributor (its own piece stays home), m else
 };
 
+// Each member's bandwidth, an undeclared one replaced by the mean of those declared above 0 (1
+// when there are none).
+std::vector<double> Bandwidths(const Group& group) {
+  double sum = 0;
+  int declared = 0;
+  for (const GroupMember& member : group.members) {
+    if (member.bandwidth > 0) {
+      sum += member.bandwidth;
+      ++declared;
+    }
+  }
+  const double assumed = declared > 0 ? sum / declared : 1.0;
+  std::vector<double> bandwidths;
+  for (const GroupMember& member : group.members) {
+    bandwidths.push_back(member.bandwidth == kUndeclaredBandwidth ? assumed : member.bandwidth);
+  }
+  return bandwidths;
+}
+
 int Contributors(const Group& group) {
   return static_cast<int>(std::count_if(group.members.begin(), group.members.end(),
                                         [](const GroupMember& m) { return m.contributes(); }));
@@ -40,12 +59,13 @@ Interval Allowed(const Reducer& r, double time) {
 
 std::vector<double> BalancedShareFractions(const Group& group) {
   const int m = Contributors(group);
+  const std::vector<double> bandwidths = Bandwidths(group);
   std::vector<Reducer> reducers;
   for (size_t i = 0; i < group.members.size(); ++i) {
     const GroupMember& member = group.members[i];
     if (!member.can_reduce()) continue;
     const double fixed = member.contributes() ? 1.0 : 0.0;
-    reducers.push_back(Reducer{static_cast<int>(i), member.bandwidth, fixed, m - 2.0 * fixed});
+    reducers.push_back(Reducer{static_cast<int>(i), bandwidths[i], fixed, m - 2.0 * fixed});
   }
   std::vector<double> fractions(group.members.size(), 0.0);
   if (reducers.empty()) return fractions;
@@ -88,14 +108,15 @@ std::vector<double> BalancedShareFractions(const Group& group) {
 
 double ModelRoundTime(const Group& group, const std::vector<size_t>& share_sizes, size_t total) {
   const int m = Contributors(group);
+  const std::vector<double> bandwidths = Bandwidths(group);
   double slowest = 0;
   for (size_t i = 0; i < group.members.size(); ++i) {
     const GroupMember& member = group.members[i];
-    if (!(member.bandwidth > 0)) continue;
+    if (!(bandwidths[i] > 0)) continue;
     const double w = total == 0 ? 0.0 : static_cast<double>(share_sizes[i]) / total;
     const double fixed = member.contributes() ? 1.0 : 0.0;
     const double bytes = fixed * (1.0 - w) + w * (m - fixed);
-    slowest = std::max(slowest, bytes / member.bandwidth);
+    slowest = std::max(slowest, bytes / bandwidths[i]);
   }
   return slowest;
 }

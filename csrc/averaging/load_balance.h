@@ -19,6 +19,7 @@
 namespace hivemind::averaging {
 
 // One fraction per member, summing to 1; 0 for members that cannot reduce (clients, bandwidth 0).
+// A member with kUndeclaredBandwidth counts as the mean of the bandwidths declared above 0.
 // A member too slow to matter (its own vector takes longer than the others' balanced round) gets
 // nothing; where several splits are as fast (two contributors), the slack is spread evenly.
 // Deterministic: every member computes the same fractions from the same group. The group must be

@@ -184,7 +184,7 @@ struct Matchmaker::Shared {
     }
     if (!std::isfinite(request.declared_time()) ||
         request.metadata().size() > search->options.max_metadata_bytes ||
-        !std::isfinite(request.bandwidth()) || request.bandwidth() < 0 || request.mode() < 0 ||
+        !IsValidBandwidth(request.bandwidth()) || request.mode() < 0 ||
         request.mode() > static_cast<int>(MemberMode::kAuxiliary)) {
       reply.set_code(wire::JOIN_BAD_REQUEST);
       reply.set_detail("malformed join request (metadata over the cap, bad bandwidth or mode)");

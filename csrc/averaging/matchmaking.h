@@ -43,6 +43,7 @@ struct MatchmakingOptions {
   std::string schema_hash;
   // Handed to every member of the group (an all-gather for free). At most max_metadata_bytes.
   std::string metadata;
+  // GroupMember::bandwidth: declared, or kUndeclaredBandwidth.
   double bandwidth = 1.0;
   MemberMode mode = MemberMode::kNormal;
 

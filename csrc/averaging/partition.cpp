@@ -23,6 +23,10 @@ const char* MemberModeName(MemberMode mode) {
   return "unknown";
 }
 
+bool IsValidBandwidth(double bandwidth) {
+  return bandwidth == kUndeclaredBandwidth || (std::isfinite(bandwidth) && bandwidth >= 0);
+}
+
 Status Group::Validate() const {
   auto invalid = [](const std::string& what) {
     return Status(StatusCode::kInvalidArgument, "invalid averaging group: " + what);
@@ -40,7 +44,7 @@ Status Group::Validate() const {
   bool any_reducer = false;
   for (size_t i = 0; i < members.size(); ++i) {
     double b = members[i].bandwidth;
-    if (!std::isfinite(b) || b < 0) {
+    if (!IsValidBandwidth(b)) {
       return invalid("member " + std::to_string(i) + " has bandwidth " + std::to_string(b) +
                      " (must be finite and >= 0)");
     }

@@ -393,9 +393,10 @@ std::unique_ptr<Averager> MakeAverager(
     Raise(Status(StatusCode::kInvalidArgument, "part_size_bytes must hold at least one value"));
   }
   config.allreduce.part_elements = part_elements;
-  if (!std::isfinite(bandwidth) || bandwidth < 0) {
+  if (!averaging::IsValidBandwidth(bandwidth)) {
     Raise(Status(StatusCode::kInvalidArgument,
-                 "bandwidth must be a finite number >= 0, got " + std::to_string(bandwidth)));
+                 "bandwidth must be a finite number >= 0 (or undeclared), got " +
+                     std::to_string(bandwidth)));
   }
   config.bandwidth = bandwidth;
   config.mode = ParseMode(mode);
@@ -406,6 +407,7 @@ std::unique_ptr<Averager> MakeAverager(
 }  // namespace
 
 void RegisterAveragingBindings(py::module_& m) {
+  m.attr("_UNDECLARED_BANDWIDTH") = averaging::kUndeclaredBandwidth;
   py::class_<FormedGroup>(m, "_FormedGroup",
                           "A group found by matchmaking (C++ averaging::FormedGroup).")
       .def_property_readonly("group_id", [](const FormedGroup& f) { return py::bytes(f.group.id); })

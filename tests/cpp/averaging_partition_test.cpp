@@ -120,7 +120,7 @@ TEST(Group, ValidationNamesTheProblem) {
   bad_index.my_index = 2;
   EXPECT_FALSE(bad_index.Validate().ok());
   Group bad_bandwidth = group;
-  bad_bandwidth.members[1].bandwidth = -1;
+  bad_bandwidth.members[1].bandwidth = -0.5;  // below 0 and not kUndeclaredBandwidth
   EXPECT_FALSE(bad_bandwidth.Validate().ok());
   Group duplicate = group;
   duplicate.members[1].address.peer_id = duplicate.members[0].address.peer_id;
@@ -260,6 +260,22 @@ TEST(LoadBalance, MembersThatCannotReduceGetNothing) {
   EXPECT_EQ(fractions[2], 0.0);           // bandwidth 0: never reduces
   EXPECT_GT(fractions[4], fractions[3]);  // an auxiliary peer sends nothing of its own
   EXPECT_NEAR(std::accumulate(fractions.begin(), fractions.end(), 0.0), 1.0, 1e-12);
+}
+
+// hivemind's `bandwidth=None`: a member that declares nothing is assumed to have the mean of the
+// declared bandwidths, so it is neither starved (as a default of 1 beside peers declaring 100
+// would) nor overloaded.
+TEST(LoadBalance, AnUndeclaredBandwidthCountsAsTheMeanOfTheDeclaredOnes) {
+  Group mixed = Normal({100, kUndeclaredBandwidth, 50, 50, 100});
+  Group resolved = Normal({100, 75, 50, 50, 100});
+  EXPECT_EQ(BalancedShareFractions(mixed), BalancedShareFractions(resolved));
+  EXPECT_GT(BalancedShareFractions(mixed)[1], 0.0);
+  Group nobody = Normal({kUndeclaredBandwidth, kUndeclaredBandwidth, kUndeclaredBandwidth});
+  auto shares = Shares(nobody, 999);
+  EXPECT_EQ(shares, (std::vector<size_t>{333, 333, 333}));
+  EXPECT_TRUE(nobody.Validate().ok());
+  Group negative = Normal({1, -2});
+  EXPECT_FALSE(negative.Validate().ok());  // only the sentinel is allowed below 0
 }
 
 TEST(LoadBalance, PartitionsOfDifferentSplitsHaveDifferentDigests) {

@@ -229,6 +229,22 @@ def test_auxiliary_peer_reduces_but_keeps_its_tensors(swarm, averagers):
     assert sorted(helper.last_report["modes"]) == ["auxiliary", "normal", "normal"]
 
 
+def test_shares_follow_declared_bandwidths_and_undeclared_ones_count_as_their_mean(swarm,
+                                                                                 averagers):
+    # Undeclared (None) counts as the mean of 100, 50, 50: between the fast and the slow peers.
+    bandwidths = [None, 100, 50, 50]
+    group = [averagers([torch.full((4000,), float(i))], swarm[i], prefix="balanced",
+                       target_group_size=4, bandwidth=b)
+             for i, b in enumerate(bandwidths)]
+    step_all(group)
+    assert torch.equal(assert_identical(group)[0], torch.full((4000,), 1.5))
+    shares = group[0].last_report["shares"]
+    assert sum(shares.values()) == 4000
+    undeclared, fast, slow = (shares[group[i].peer_id] for i in (0, 1, 2))
+    assert fast > undeclared > slow > 0
+    assert shares[group[3].peer_id] == slow
+
+
 # ---- compression ----
 
 LARGE = 1 << 17  # above the codec policy's threshold of 65536 elements
@@ -419,6 +435,11 @@ def test_bad_tensors_and_arguments_raise_clear_errors(swarm, averagers):
                               auxiliary=True)
     with pytest.raises(ValueError, match="request_timeout"):
         DecentralizedAverager([torch.zeros(3)], dht, prefix="bad", request_timeout=0)
+    for bandwidth in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="bandwidth must be a finite number >= 0"):
+            DecentralizedAverager([torch.zeros(3)], dht, prefix="bad", bandwidth=bandwidth)
+    with pytest.raises(TypeError, match="bandwidth must be a number"):
+        DecentralizedAverager([torch.zeros(3)], dht, prefix="bad", bandwidth="fast")
 
     averager = averagers([torch.zeros(3)], dht, prefix="ok")
     with pytest.raises(ValueError, match="weight"):
