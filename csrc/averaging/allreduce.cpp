@@ -252,6 +252,9 @@ class Round : public std::enable_shared_from_this<Round> {
   }
 
   Result<AllReduceReport> Run(std::vector<float>& data);
+  // Storage for the caller's results once every part is final: the input's own when nothing
+  // else holds it any more, else a pooled buffer. Clears input_.
+  std::shared_ptr<std::vector<float>> OutputBufferLocked();
   Status ServeSender(const net::CallContext& context, Stream& stream,
                      const wire::AveragingHeader& open);
   Status ServeCollect(const net::CallContext& context, Stream& stream,
@@ -344,9 +347,11 @@ class Round : public std::enable_shared_from_this<Round> {
   const double weight_;
   const std::vector<int> reducer_order_;
   Clock::time_point start_, deadline_;
-  // A private copy of the caller's vector, from the service's pool; released once every part is
-  // final (nothing reads it then) unless the round failed.
-  std::shared_ptr<const std::vector<float>> input_;
+  // The caller's vector, taken over for the round (no copy; contributors only). Nobody writes it
+  // while it is shared: the transport may be sending it. Once every part is final nothing reads
+  // it, and its storage receives the results, unless the round failed (then backups may still
+  // collect it during the grace period, and the caller gets a copy back).
+  std::shared_ptr<std::vector<float>> input_;
   // The results of this member's own share, written in place by Compute, and a copy of the
   // results received from others (both pooled; contributors only).
   std::shared_ptr<std::vector<float>> share_results_;
@@ -1396,18 +1401,19 @@ Result<AllReduceReport> Round::Run(std::vector<float>& data) {
   if (!service) return Status(StatusCode::kCancelled, "the averaging service stopped");
   {
     service->Sweep();  // the buffers of released rounds go back to the pool first
-    std::shared_ptr<std::vector<float>> input = service->pool->Take(data.size());
-    if (!CopyFinite(data.data(), data.size(), input->data()) && contributes_) {
-      return Status(StatusCode::kInvalidArgument, "the local vector has non-finite values");
+    if (contributes_) {
+      if (!AllFinite(data.data(), data.size())) {
+        return Status(StatusCode::kInvalidArgument, "the local vector has non-finite values");
+      }
+      input_ = service->pool->Adopt(std::move(data));
     }
-    input_ = std::move(input);
     size_t share_elements = 0;
     size_t first = partition_.first_part(me_);
     for (size_t p = first; p < first + partition_.num_parts(me_); ++p) {
       share_elements += partition_.parts()[p].size;
     }
     if (share_elements > 0) share_results_ = service->pool->Take(share_elements);
-    if (contributes_) results_ = service->pool->Take(data.size());
+    if (contributes_) results_ = service->pool->Take(partition_.total_elements());
   }
   {
     std::unique_lock<std::mutex> lock(mutex_);
@@ -1421,7 +1427,10 @@ Result<AllReduceReport> Round::Run(std::vector<float>& data) {
     }
   }
   Status registered = service->Register(shared_from_this());
-  if (!registered.ok()) return registered;
+  if (!registered.ok()) {
+    if (input_) data = std::move(*input_);  // never shared: nothing was sent
+    return registered;
+  }
   service.reset();
   Notify(RoundEvent::kStarted, 0);
 
@@ -1554,22 +1563,26 @@ Result<AllReduceReport> Round::Run(std::vector<float>& data) {
   const size_t vector_bytes = partition_.total_elements() * sizeof(float);
   if (fatal_) {
     // The input stays: a backup may still collect this member's contribution.
+    std::shared_ptr<const std::vector<float>> input = input_;
     Status status = *fatal_;
     auto channels = sender_channels_;
     lock.unlock();
+    if (input) data = *input;
     if (auto service = service_.lock()) service->Finished(id(), 2 * vector_bytes);
     // Our reducers exclude us at once instead of waiting for a sender timeout.
     for (auto& [share, channel] : channels) channel->stream->Cancel();
     return status;
   }
-  // Every part is final now, so collects are answered from the results; the input can go back
-  // to the pool as soon as the transport has sent it.
-  input_.reset();
   AllReduceReport report;
   report.failed_members.assign(failed_.begin(), failed_.end());
   report.failures = failures_;
   report.takeovers = takeovers_;
   if (contributes_) {
+    // Every part is final now, so collects are answered from the results and nobody reads the
+    // input any more: its storage, the caller's own, takes the results, unless the transport
+    // still holds it for a send (then a pooled buffer does, and the input goes back to the pool
+    // once sent). The caller's results are copies: the round keeps its own for the grace period.
+    data = std::move(*OutputBufferLocked());
     std::vector<float> scratch;
     for (size_t p = 0; p < view_.size(); ++p) {
       const Part& part = partition_.parts()[p];
@@ -1583,6 +1596,18 @@ Result<AllReduceReport> Round::Run(std::vector<float>& data) {
   lock.unlock();  // the service locks itself, then rounds: never the other way round
   if (auto service = service_.lock()) service->Finished(id(), vector_bytes);
   return report;
+}
+
+std::shared_ptr<std::vector<float>> Round::OutputBufferLocked() {
+  std::shared_ptr<std::vector<float>> input = std::move(input_);
+  if (input.use_count() == 1) {
+    // No other reference is left to copy, so the count cannot rise again; the fence orders the
+    // transport's last reads of the buffer (before its release) before our writes.
+    std::atomic_thread_fence(std::memory_order_acquire);
+    return input;
+  }
+  if (auto service = service_.lock()) return service->pool->Take(partition_.total_elements());
+  return std::make_shared<std::vector<float>>(partition_.total_elements());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -101,7 +101,9 @@ class AllReduceService {
   // Replaces `data` by the weighted mean sum(w_i x_i) / sum(w_i) over the contributors of each
   // part; every successful contributor ends with bitwise identical data. `weight` is ignored for
   // auxiliary members (they contribute nothing and their `data` is left unchanged; its size still
-  // must match). On error `data` is unchanged.
+  // must match). On error `data` is unchanged. A contributor's storage is taken over for the
+  // round (no copy) and given back holding the results, or replaced by another buffer of the same
+  // size when the transport still holds it: pointers into `data` must be re-read afterwards.
   Result<AllReduceReport> AllReduce(const Group& group, std::vector<float>& data, float weight,
                                     const AllReduceOptions& options = {});
 

@@ -28,6 +28,14 @@ std::shared_ptr<std::vector<float>> BufferPool::Take(size_t size) {
   }
   // Within the capacity this only writes the elements beyond the old size; no pages are new.
   buffer->resize(size);
+  return Manage(std::move(buffer));
+}
+
+std::shared_ptr<std::vector<float>> BufferPool::Adopt(std::vector<float>&& buffer) {
+  return Manage(std::make_unique<std::vector<float>>(std::move(buffer)));
+}
+
+std::shared_ptr<std::vector<float>> BufferPool::Manage(std::unique_ptr<std::vector<float>> buffer) {
   std::weak_ptr<BufferPool> pool = weak_from_this();
   return std::shared_ptr<std::vector<float>>(buffer.release(), [pool](std::vector<float>* done) {
     if (auto alive = pool.lock()) {

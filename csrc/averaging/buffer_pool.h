@@ -1,4 +1,4 @@
-// Recycles the large float buffers of all-reduce rounds (input copies, reduced shares), so a
+// Recycles the large float buffers of all-reduce rounds (inputs, results, reduced shares), so a
 // process that averages the same sizes round after round stops paying for fresh pages: a new
 // 64 MiB buffer costs 16 Ki page faults and zeroing, about a third of a loopback round
 // (docs/benchmarks.md, "Averaging").
@@ -20,6 +20,8 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   // A buffer of `size` elements with unspecified contents. Its memory comes back to the pool
   // when the last reference drops (from any thread), or is freed if the pool is gone or full.
   std::shared_ptr<std::vector<float>> Take(size_t size);
+  // Takes over `buffer` (no copy): it comes to the pool like a taken one when released.
+  std::shared_ptr<std::vector<float>> Adopt(std::vector<float>&& buffer);
 
   size_t idle_buffers() const;
 
@@ -27,6 +29,7 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   BufferPool(size_t max_buffers, size_t max_bytes)
       : max_buffers_(max_buffers), max_bytes_(max_bytes) {}
   void Give(std::vector<float>* buffer);
+  std::shared_ptr<std::vector<float>> Manage(std::unique_ptr<std::vector<float>> buffer);
 
   const size_t max_buffers_;
   const size_t max_bytes_;

@@ -1,5 +1,5 @@
 // The arithmetic of a round: finiteness checks, the weighted mean of a part, and the checked copy
-// of the local input. Built with -O3 (CMakeLists.txt): at -O2 GCC leaves these loops scalar, and
+// of a received part. Built with -O3 (CMakeLists.txt): at -O2 GCC leaves these loops scalar, and
 // they were a fifth of a 64 MiB round. Pointers need not be aligned.
 #pragma once
 
@@ -10,9 +10,9 @@ namespace hivemind::averaging {
 // True when none of the `count` floats at `data` is inf or NaN.
 bool AllFinite(const void* data, size_t count);
 
-// out[i] = sum_k weights[k] * inputs[k][i] / sum_k weights[k], accumulated in double in the order
-// of `inputs` (so the result depends only on the inputs and their order); zeros when the weights
-// sum to zero.
+// out[i] = sum_k (weights[k] / W) * inputs[k][i] with W = sum_k weights[k], accumulated in double
+// in the order of `inputs` (so the result depends only on the inputs and their order); zeros when
+// the weights sum to zero.
 void WeightedMean(const float* const* inputs, const double* weights, size_t num_inputs,
                   size_t count, float* out);
 

@@ -97,7 +97,8 @@ class SwarmAverager {
   SwarmAverager& operator=(const SwarmAverager&) = delete;
 
   // Replaces `data` by the weighted mean over the contributors. Every contributor ends with
-  // bitwise identical data; on error `data` is unchanged and the next op forms a new group.
+  // bitwise identical data; on error `data` is unchanged and the next op forms a new group. Its
+  // storage may be replaced (AllReduceService::AllReduce): re-read data.data() afterwards.
   // `signature` names the kind of op (dtype, size): regrouping waits for the anchor signature.
   // `codecs`: ranges of `data` sent compressed (averaging::AllReduceOptions::codecs).
   Result<MeanReport> Mean(std::vector<float>& data, Clock::time_point deadline,

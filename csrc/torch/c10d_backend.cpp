@@ -9,6 +9,7 @@
 #include <random>
 #include <sstream>
 
+#include "averaging/reduce_kernels.h"
 #include "common/logging.h"
 
 namespace hivemind::c10d_backend {
@@ -796,7 +797,7 @@ c10::intrusive_ptr<c10d::Work> HivemindBackend::sync_state(std::vector<at::Tenso
         int64_t total = 0;
         for (const auto& tensor : tensors) total += tensor.numel();
         std::vector<float> data(static_cast<size_t>(total) + 1);
-        data.reserve(data.size() + 1);
+        data.reserve(data.size() + 1);  // Mean appends the regroup vote
         at::Tensor flat = at::from_blob(data.data(), {total + 1}, at::kFloat);
         int64_t offset = 0;
         for (const auto& tensor : tensors) {
@@ -808,6 +809,7 @@ c10::intrusive_ptr<c10d::Work> HivemindBackend::sync_state(std::vector<at::Tenso
         data.back() = established_ ? 1.0f : 0.0f;
         auto report = swarm_->Mean(data, deadline, Signature("sync", tensors, 0), Weight());
         if (!report.ok()) Fail("state sync failed: " + report.status().ToString());
+        flat = at::from_blob(data.data(), {total + 1}, at::kFloat);  // Mean may move the storage
         offset = 0;
         for (auto& tensor : tensors) {
           tensor.copy_(flat.narrow(0, offset, tensor.numel()).view(tensor.sizes()));
@@ -835,9 +837,10 @@ void HivemindBackend::MeanAllReduce(std::vector<at::Tensor>& tensors, c10d::Redu
   int64_t total = 0;
   for (const auto& tensor : tensors) total += tensor.numel();
   // One extra element: the share of members whose values were not finite (see below).
-  std::vector<float> data(static_cast<size_t>(total) + 1, 0.0f);
-  // Mean() appends one element (the regroup vote): keep `flat` valid across it.
-  data.reserve(data.size() + 1);
+  std::vector<float>& data = mean_buffer_;
+  data.reserve(static_cast<size_t>(total) + 2);  // Mean appends the regroup vote
+  data.resize(static_cast<size_t>(total) + 1);
+  data.back() = 0.0f;
   at::Tensor flat = at::from_blob(data.data(), {total}, at::kFloat);
   const double scale = op == c10d::ReduceOp::SUM ? getSize() : 1.0;
   // Tensors large enough travel compressed (the flag element never is). The wire is float32
@@ -859,13 +862,14 @@ void HivemindBackend::MeanAllReduce(std::vector<at::Tensor>& tensors, c10d::Redu
   // The all-reduce refuses non-finite values (an outsider must not be able to poison the mean),
   // yet AMP's GradScaler relies on an overflow anywhere reaching everyone. So a member with
   // inf/NaN sends zeros and raises the flag, and everyone's result becomes NaN.
-  if (!at::isfinite(flat).all().item<bool>()) {
+  if (!averaging::AllFinite(data.data(), static_cast<size_t>(total))) {
     flat.zero_();
     data[static_cast<size_t>(total)] = 1.0f;
   }
   auto report =
       swarm_->Mean(data, deadline, Signature("mean", tensors, op.op_), Weight(), std::move(codecs));
   if (!report.ok()) Fail("allreduce failed: " + report.status().ToString());
+  flat = at::from_blob(data.data(), {total}, at::kFloat);  // Mean may move the storage
   if (data[static_cast<size_t>(total)] > 0.0f) flat.fill_(std::numeric_limits<float>::quiet_NaN());
   offset = 0;
   for (auto& tensor : tensors) {

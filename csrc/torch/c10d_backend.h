@@ -185,6 +185,9 @@ class HivemindBackend : public c10d::Backend {
   std::string launch_id_;
   std::vector<net::PeerAddress> ranks_;
   std::unique_ptr<swarm::SwarmAverager> swarm_;  // used by the operation thread only
+  // The flat float32 vector of mean all-reduces, kept between ops (operation thread only): a
+  // fresh one for a large bucket costs its page faults and zeroing every step.
+  std::vector<float> mean_buffer_;
   std::atomic<int> group_size_{0};
   std::atomic<bool> established_{true};
 

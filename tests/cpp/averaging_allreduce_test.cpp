@@ -460,6 +460,9 @@ TEST(AllReduce, RefusesBadLocalArguments) {
   std::vector<float> nan_data = {1, NAN};
   EXPECT_EQ(peers[0].service->AllReduce(group, nan_data, 1.0f).status().code(),
             StatusCode::kInvalidArgument);
+  ASSERT_EQ(nan_data.size(), 2u);
+  EXPECT_EQ(nan_data[0], 1.0f);
+  EXPECT_TRUE(std::isnan(nan_data[1]));
   group.my_index = 5;
   EXPECT_EQ(peers[0].service->AllReduce(group, data, 1.0f).status().code(),
             StatusCode::kInvalidArgument);

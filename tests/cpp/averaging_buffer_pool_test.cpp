@@ -26,6 +26,22 @@ TEST(BufferPool, AReturnedBufferIsReusedForTheSameOrASmallerSize) {
   EXPECT_NE(bigger->data(), memory);
 }
 
+TEST(BufferPool, AnAdoptedVectorKeepsItsStorageAndJoinsThePoolWhenReleased) {
+  auto pool = BufferPool::Create(4, 1 << 20);
+  std::vector<float> caller(500, 2.0f);
+  const float* memory = caller.data();
+  {
+    auto adopted = pool->Adopt(std::move(caller));
+    EXPECT_EQ(adopted->data(), memory);
+    EXPECT_EQ(*adopted, std::vector<float>(500, 2.0f));
+    // Moving the contents out (a round handing results back) leaves nothing worth pooling.
+    auto emptied = pool->Adopt(std::vector<float>(300));
+    std::vector<float> taken = std::move(*emptied);
+  }
+  EXPECT_EQ(pool->idle_buffers(), 1u);
+  EXPECT_EQ(pool->Take(400)->data(), memory);
+}
+
 TEST(BufferPool, TheSmallestFittingBufferIsTaken) {
   auto pool = BufferPool::Create(4, 1 << 20);
   const float* small = nullptr;

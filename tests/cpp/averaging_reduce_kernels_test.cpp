@@ -30,8 +30,8 @@ TEST(ReduceKernels, WeightedMeanMatchesADoubleLoopBitForBit) {
     WeightedMean(pointers.data(), weights.data(), 3, n, out.data());
     for (size_t i = 0; i < n; ++i) {
       double sum = 0;
-      for (int k = 0; k < 3; ++k) sum += weights[k] * static_cast<double>(inputs[k][i]);
-      ASSERT_EQ(out[i], static_cast<float>(sum / 4.75)) << "n=" << n << " i=" << i;
+      for (int k = 0; k < 3; ++k) sum += weights[k] / 4.75 * static_cast<double>(inputs[k][i]);
+      ASSERT_EQ(out[i], static_cast<float>(sum)) << "n=" << n << " i=" << i;
     }
   }
 }
