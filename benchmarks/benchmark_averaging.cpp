@@ -390,9 +390,11 @@ float ExpectedMean(int n, int base, size_t i) {
 // ---------------------------------------------------------------------------------------------
 // Worker: one peer. Commands from the parent, one per line:
 //   PREP <group id> <elements> <base> <my index> <address 0> ... <address n-1>
-//   GO
+//   GO     (runs the round)
+//   CHECK  (checks its result; sent once every peer is done, so no check overlaps a round)
 //   QUIT
-// Replies: ADDR <multiaddr> (at start), READY, DONE <start ns> <end ns> <max rss KiB>, FAIL <why>.
+// Replies: ADDR <multiaddr> (at start), READY, DONE <start ns> <end ns> <max rss KiB>, OK,
+// FAIL <why>.
 
 std::string OneLine(std::string text) {
   std::replace(text.begin(), text.end(), '\n', ' ');
@@ -432,6 +434,7 @@ int RunWorker(const Config& config, int read_fd, int write_fd) {
 
   avg::Group group;
   std::vector<float> data;
+  avg::AllReduceReport last_report;
   int base = 0;
   while (true) {
     auto line = parent.ReadLine(kWorkerIdleLimit);
@@ -470,26 +473,33 @@ int RunWorker(const Config& config, int read_fd, int write_fd) {
       (void)parent.WriteLine("READY");
       continue;
     }
-    if (command != "GO") {
+    const avg::CodecSpec codec = *CodecByName(config.codec);
+    if (command == "GO") {
+      round_options.codecs.clear();
+      if (codec.id != avg::CodecId::kNone) round_options.codecs.push_back({0, data.size(), codec});
+      int64_t start = NowNanos();
+      auto report = service->AllReduce(group, data, 1.0f, round_options);
+      int64_t end = NowNanos();
+      if (!report.ok()) {
+        (void)parent.WriteLine("FAIL all-reduce: " + OneLine(report.status().ToString()));
+        continue;
+      }
+      last_report = std::move(report).value();
+      (void)parent.WriteLine("DONE " + std::to_string(start) + " " + std::to_string(end) + " " +
+                             std::to_string(MaxRssKib()));
+      continue;
+    }
+    if (command != "CHECK") {
       (void)parent.WriteLine("FAIL unknown command '" + OneLine(*line) + "'");
       continue;
     }
-    const avg::CodecSpec codec = *CodecByName(config.codec);
-    round_options.codecs.clear();
-    if (codec.id != avg::CodecId::kNone) round_options.codecs.push_back({0, data.size(), codec});
-    int64_t start = NowNanos();
-    auto report = service->AllReduce(group, data, 1.0f, round_options);
-    int64_t end = NowNanos();
-    if (!report.ok()) {
-      (void)parent.WriteLine("FAIL all-reduce: " + OneLine(report.status().ToString()));
-      continue;
-    }
+    const avg::AllReduceReport& report = last_report;
     std::string problem;
-    if (!report->failed_members.empty() || report->takeovers != 0) {
+    if (!report.failed_members.empty() || report.takeovers != 0) {
       problem = "a member failed or a share was taken over:";
-      for (const auto& failure : report->failures) problem += " " + OneLine(failure) + ";";
+      for (const auto& failure : report.failures) problem += " " + OneLine(failure) + ";";
     }
-    for (const auto& part : report->parts) {
+    for (const auto& part : report.parts) {
       if (problem.empty() &&
           (part.reduced_by != part.share ||
            part.contributors.size() != static_cast<size_t>(group.members.size()))) {
@@ -509,12 +519,7 @@ int RunWorker(const Config& config, int read_fd, int write_fd) {
         problem = text;
       }
     }
-    if (!problem.empty()) {
-      (void)parent.WriteLine("FAIL " + problem);
-      continue;
-    }
-    (void)parent.WriteLine("DONE " + std::to_string(start) + " " + std::to_string(end) + " " +
-                           std::to_string(MaxRssKib()));
+    (void)parent.WriteLine(problem.empty() ? std::string("OK") : "FAIL " + problem);
   }
   shutdown();
   return exit_code;
@@ -695,6 +700,19 @@ Result<RoundTimes> RunConfig(const Config& config, Workers& workers, size_t elem
       times.max_rss_kib = std::max(times.max_rss_kib, rss);
     }
     if (!failures.empty()) return Status(StatusCode::kInternal, "round failed:\n" + failures);
+    for (int w = 0; w < total_workers; ++w) {
+      Status sent = workers[w].channel->WriteLine("CHECK");
+      if (!sent.ok()) return sent.WithContext("worker " + std::to_string(w));
+    }
+    for (int w = 0; w < total_workers; ++w) {
+      auto line = workers[w].channel->ReadLine(kPrepareLimit);
+      if (!line.ok()) {
+        failures += "worker " + std::to_string(w) + ": " + line.status().ToString() + "\n";
+      } else if (*line != "OK") {
+        failures += "worker " + std::to_string(w) + ": " + *line + "\n";
+      }
+    }
+    if (!failures.empty()) return Status(StatusCode::kInternal, "wrong result:\n" + failures);
     if (round < config.warmup) continue;
     for (int g = 0; g < config.groups; ++g) {
       int64_t first = starts[g * n];

@@ -132,6 +132,7 @@ def gloo_worker(rank, n, sizes, warmup, rounds, store_path, timeout_s, queue):
                 start = time.monotonic_ns()
                 dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
                 end = time.monotonic_ns()
+                dist.barrier()  # as ours: no rank checks its result while another still runs
                 tensor.div_(n)
                 expected = pattern + (base + 0.5 * (n - 1))
                 if not torch.equal(tensor, expected):
