@@ -434,7 +434,7 @@ int RunWorker(const Config& config, int read_fd, int write_fd) {
 
   avg::Group group;
   std::vector<float> data;
-  avg::AllReduceReport last_report;
+  avg::SharedMean last;
   int base = 0;
   while (true) {
     auto line = parent.ReadLine(kWorkerIdleLimit);
@@ -478,22 +478,25 @@ int RunWorker(const Config& config, int read_fd, int write_fd) {
       round_options.codecs.clear();
       if (codec.id != avg::CodecId::kNone) round_options.codecs.push_back({0, data.size(), codec});
       int64_t start = NowNanos();
-      auto report = service->AllReduce(group, data, 1.0f, round_options);
+      // Shared: the mean is read where the round keeps it, as the c10d backend and the Python
+      // averager do (they copy it into their tensors).
+      auto shared = service->AllReduceShared(group, data, 1.0f, round_options);
       int64_t end = NowNanos();
-      if (!report.ok()) {
-        (void)parent.WriteLine("FAIL all-reduce: " + OneLine(report.status().ToString()));
+      if (!shared.ok()) {
+        (void)parent.WriteLine("FAIL all-reduce: " + OneLine(shared.status().ToString()));
         continue;
       }
-      last_report = std::move(report).value();
+      last = std::move(shared).value();
       (void)parent.WriteLine("DONE " + std::to_string(start) + " " + std::to_string(end) + " " +
                              std::to_string(MaxRssKib()));
       continue;
     }
-    if (command != "CHECK") {
-      (void)parent.WriteLine("FAIL unknown command '" + OneLine(*line) + "'");
+    if (command != "CHECK" || !last.mean) {
+      (void)parent.WriteLine("FAIL unexpected command '" + OneLine(*line) + "'");
       continue;
     }
-    const avg::AllReduceReport& report = last_report;
+    const avg::AllReduceReport& report = last.report;
+    const std::vector<float>& mean = *last.mean;
     std::string problem;
     if (!report.failed_members.empty() || report.takeovers != 0) {
       problem = "a member failed or a share was taken over:";
@@ -509,16 +512,17 @@ int RunWorker(const Config& config, int read_fd, int write_fd) {
       }
     }
     int n = static_cast<int>(group.members.size());
-    for (size_t i = 0; problem.empty() && i < data.size(); ++i) {
+    for (size_t i = 0; problem.empty() && i < mean.size(); ++i) {
       const float expected = ExpectedMean(n, base, i);
       const float tolerance = codec.id == avg::CodecId::kNone ? 0.0f : 0.02f * (1 + expected);
-      if (!(std::abs(data[i] - expected) <= tolerance)) {
+      if (!(std::abs(mean[i] - expected) <= tolerance)) {
         char text[160];
         std::snprintf(text, sizeof(text), "wrong mean at element %zu: %.9g, expected %.9g", i,
-                      static_cast<double>(data[i]), static_cast<double>(ExpectedMean(n, base, i)));
+                      static_cast<double>(mean[i]), static_cast<double>(ExpectedMean(n, base, i)));
         problem = text;
       }
     }
+    last.mean.reset();  // back to the pool, as a caller done copying it out would
     (void)parent.WriteLine(problem.empty() ? std::string("OK") : "FAIL " + problem);
   }
   shutdown();

@@ -251,10 +251,13 @@ class Round : public std::enable_shared_from_this<Round> {
     cv_.notify_all();
   }
 
-  Result<AllReduceReport> Run(std::vector<float>& data);
-  // Storage for the caller's results once every part is final: the input's own when nothing
-  // else holds it any more, else a pooled buffer. Clears input_.
-  std::shared_ptr<std::vector<float>> OutputBufferLocked();
+  Result<SharedMean> Run(std::vector<float>& data);
+  // Gives the caller back the input's storage once every part is final, when nothing else holds
+  // it any more (else it goes to the pool when released). Clears input_.
+  void GiveBackInputLocked(std::vector<float>& data);
+  // Copies into results_ the final parts whose values live elsewhere (this member's own share, a
+  // takeover's or an adopted result), so results_ is the whole mean.
+  void GatherResultsLocked();
   Status ServeSender(const net::CallContext& context, Stream& stream,
                      const wire::AveragingHeader& open);
   Status ServeCollect(const net::CallContext& context, Stream& stream,
@@ -349,12 +352,17 @@ class Round : public std::enable_shared_from_this<Round> {
   Clock::time_point start_, deadline_;
   // The caller's vector, taken over for the round (no copy; contributors only). Nobody writes it
   // while it is shared: the transport may be sending it. Once every part is final nothing reads
-  // it, and its storage receives the results, unless the round failed (then backups may still
-  // collect it during the grace period, and the caller gets a copy back).
+  // it, and it goes back to the caller, unless the round failed (then backups may still collect
+  // it during the grace period, and the caller gets a copy back).
   std::shared_ptr<std::vector<float>> input_;
-  // The results of this member's own share, written in place by Compute, and a copy of the
-  // results received from others (both pooled; contributors only).
+  // The results of this member's own share, written in place by Compute (it starts at element
+  // share_results_base_), and a contributor's whole mean: the others' shares decoded into it as
+  // they arrive, its own share copied in at the end (both pooled). The mean is shared read-only
+  // with the caller, and kept for takeovers during the grace period. Separate buffers, so that a
+  // reduction of this member's share still running after a backup took the share over never
+  // writes where that backup's results are decoded.
   std::shared_ptr<std::vector<float>> share_results_;
+  size_t share_results_base_ = 0;
   std::shared_ptr<std::vector<float>> results_;
 
   std::mutex mutex_;
@@ -506,7 +514,7 @@ Computed Round::Compute(const Reduction& reduction, size_t k,
   }
   // My own share's results go to the round's pooled buffer; a backup's to a fresh one.
   if (reduction.position == 0 && reduction.share == me_ && share_results_) {
-    size_t offset = part.begin - partition_.parts()[reduction.first_part].begin;
+    size_t offset = part.begin - share_results_base_;
     out.values =
         Payload(share_results_->data() + offset, part.size * sizeof(float), share_results_);
   } else {
@@ -1396,7 +1404,7 @@ void Round::OpenSenderStream(int share, const std::shared_ptr<Channel>& channel)
   ArmRead(channel);
 }
 
-Result<AllReduceReport> Round::Run(std::vector<float>& data) {
+Result<SharedMean> Round::Run(std::vector<float>& data) {
   auto service = service_.lock();
   if (!service) return Status(StatusCode::kCancelled, "the averaging service stopped");
   {
@@ -1407,12 +1415,15 @@ Result<AllReduceReport> Round::Run(std::vector<float>& data) {
       }
       input_ = service->pool->Adopt(std::move(data));
     }
-    size_t share_elements = 0;
-    size_t first = partition_.first_part(me_);
-    for (size_t p = first; p < first + partition_.num_parts(me_); ++p) {
-      share_elements += partition_.parts()[p].size;
+    if (partition_.num_parts(me_) > 0) {
+      size_t first = partition_.first_part(me_);
+      size_t share_elements = 0;
+      for (size_t p = first; p < first + partition_.num_parts(me_); ++p) {
+        share_elements += partition_.parts()[p].size;
+      }
+      share_results_ = service->pool->Take(share_elements);
+      share_results_base_ = partition_.parts()[first].begin;
     }
-    if (share_elements > 0) share_results_ = service->pool->Take(share_elements);
     if (contributes_) results_ = service->pool->Take(partition_.total_elements());
   }
   {
@@ -1573,41 +1584,51 @@ Result<AllReduceReport> Round::Run(std::vector<float>& data) {
     for (auto& [share, channel] : channels) channel->stream->Cancel();
     return status;
   }
-  AllReduceReport report;
+  SharedMean outcome;
+  AllReduceReport& report = outcome.report;
   report.failed_members.assign(failed_.begin(), failed_.end());
   report.failures = failures_;
   report.takeovers = takeovers_;
   if (contributes_) {
     // Every part is final now, so collects are answered from the results and nobody reads the
-    // input any more: its storage, the caller's own, takes the results, unless the transport
-    // still holds it for a send (then a pooled buffer does, and the input goes back to the pool
-    // once sent). The caller's results are copies: the round keeps its own for the grace period.
-    data = std::move(*OutputBufferLocked());
-    std::vector<float> scratch;
+    // input any more.
+    GiveBackInputLocked(data);
+    GatherResultsLocked();
     for (size_t p = 0; p < view_.size(); ++p) {
       const Part& part = partition_.parts()[p];
       const PartView& view = view_[p];
-      std::memcpy(data.data() + part.begin, FloatsOf(view.values, scratch),
-                  part.size * sizeof(float));
       report.parts.push_back(
           PartReport{part.begin, part.size, part.share, view.reduced_by, view.contributors});
     }
+    outcome.mean = results_;
   }
   lock.unlock();  // the service locks itself, then rounds: never the other way round
   if (auto service = service_.lock()) service->Finished(id(), vector_bytes);
-  return report;
+  return outcome;
 }
 
-std::shared_ptr<std::vector<float>> Round::OutputBufferLocked() {
+void Round::GiveBackInputLocked(std::vector<float>& data) {
   std::shared_ptr<std::vector<float>> input = std::move(input_);
   if (input.use_count() == 1) {
     // No other reference is left to copy, so the count cannot rise again; the fence orders the
-    // transport's last reads of the buffer (before its release) before our writes.
+    // transport's last reads of the buffer (before its release) before the caller's writes.
     std::atomic_thread_fence(std::memory_order_acquire);
-    return input;
+    data = std::move(*input);
+  } else {
+    data.clear();
   }
-  if (auto service = service_.lock()) return service->pool->Take(partition_.total_elements());
-  return std::make_shared<std::vector<float>>(partition_.total_elements());
+}
+
+void Round::GatherResultsLocked() {
+  // Only the ranges of parts whose values live elsewhere are written: nothing else reads or
+  // writes those (results are decoded into results_ only for a part not final yet).
+  std::vector<float> scratch;
+  for (size_t p = 0; p < view_.size(); ++p) {
+    const Part& part = partition_.parts()[p];
+    float* target = results_->data() + part.begin;
+    if (view_[p].values.data() == reinterpret_cast<const uint8_t*>(target)) continue;
+    std::memcpy(target, FloatsOf(view_[p].values, scratch), part.size * sizeof(float));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1765,6 +1786,19 @@ AllReduceService::~AllReduceService() { impl_->Stop(); }
 
 Result<AllReduceReport> AllReduceService::AllReduce(const Group& group, std::vector<float>& data,
                                                     float weight, const AllReduceOptions& options) {
+  const size_t size = data.size();
+  auto shared = AllReduceShared(group, data, weight, options);
+  if (!shared.ok()) return shared.status();
+  if (shared->mean) {
+    data.resize(size);  // no allocation unless the transport kept the input's storage
+    std::memcpy(data.data(), shared->mean->data(), size * sizeof(float));
+  }
+  return std::move(shared->report);
+}
+
+Result<SharedMean> AllReduceService::AllReduceShared(const Group& group, std::vector<float>& data,
+                                                     float weight,
+                                                     const AllReduceOptions& options) {
   Status valid = group.Validate();
   if (!valid.ok()) return valid;
   bool contributes = group.members[group.my_index].contributes();

@@ -68,6 +68,13 @@ struct AllReduceReport {
   int takeovers = 0;                  // shares this peer re-reduced for a dead reducer
 };
 
+// A successful round's mean, shared read-only with the round, which serves it to takeovers during
+// its grace period (docs/averaging.md, "Fault tolerance").
+struct SharedMean {
+  AllReduceReport report;
+  std::shared_ptr<const std::vector<float>> mean;  // null for an auxiliary member
+};
+
 struct AllReduceServiceOptions {
   // Stream methods are "<prefix>.allreduce", "<prefix>.collect" and "<prefix>.takeover"; unary
   // "<prefix>.ping" answers liveness probes.
@@ -102,10 +109,17 @@ class AllReduceService {
   // part; every successful contributor ends with bitwise identical data. `weight` is ignored for
   // auxiliary members (they contribute nothing and their `data` is left unchanged; its size still
   // must match). On error `data` is unchanged. A contributor's storage is taken over for the
-  // round (no copy) and given back holding the results, or replaced by another buffer of the same
-  // size when the transport still holds it: pointers into `data` must be re-read afterwards.
+  // round (no copy) and usually given back holding the results, but may be replaced by another
+  // buffer of the same size: pointers into `data` must be re-read afterwards.
   Result<AllReduceReport> AllReduce(const Group& group, std::vector<float>& data, float weight,
                                     const AllReduceOptions& options = {});
+
+  // The same round without the copy of the mean into `data`: the mean comes back shared with the
+  // round, read-only. A contributor's `data` is taken over for the round; on success it holds the
+  // input again (its own storage, for the caller to reuse) or is left empty when the transport
+  // still holds that storage; on error it is unchanged. An auxiliary member's is never touched.
+  Result<SharedMean> AllReduceShared(const Group& group, std::vector<float>& data, float weight,
+                                     const AllReduceOptions& options = {});
 
   class Impl;
 

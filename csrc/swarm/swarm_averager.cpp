@@ -1,6 +1,7 @@
 #include "swarm/swarm_averager.h"
 
 #include <algorithm>
+#include <cstring>
 #include <utility>
 
 #include "averaging/group.h"
@@ -327,6 +328,17 @@ void SwarmAverager::Shrink(const std::vector<int>& keep) {
 Result<MeanReport> SwarmAverager::Mean(std::vector<float>& data, Clock::time_point deadline,
                                        const std::string& signature, float weight,
                                        std::vector<averaging::CodecRange> codecs) {
+  const size_t size = data.size();
+  auto report = MeanShared(data, deadline, signature, weight, std::move(codecs));
+  if (!report.ok()) return report;
+  data.resize(size);  // no allocation unless the transport kept the input's storage
+  std::memcpy(data.data(), report->mean->data(), size * sizeof(float));
+  return report;
+}
+
+Result<MeanReport> SwarmAverager::MeanShared(std::vector<float>& data, Clock::time_point deadline,
+                                             const std::string& signature, float weight,
+                                             std::vector<averaging::CodecRange> codecs) {
   if (!dropped_.ok()) return dropped_;
   Status ready = EnsureGroup(deadline, signature);
   if (!ready.ok()) return ready;
@@ -337,6 +349,7 @@ Result<MeanReport> SwarmAverager::Mean(std::vector<float>& data, Clock::time_poi
   const int n = static_cast<int>(group.members.size());
   if (n == 1) {
     report.contributors = {0};
+    report.mean = std::make_shared<const std::vector<float>>(data);
     // Alone, this peer's wish is the group's decision.
     if (regroup_wanted_.exchange(false)) regroup_agreed_ = true;
     return report;
@@ -356,21 +369,24 @@ Result<MeanReport> SwarmAverager::Mean(std::vector<float>& data, Clock::time_poi
   options.sender_timeout = std::min(options.sender_timeout, options.timeout);
   options.reducer_timeout = std::min(options.reducer_timeout, options.timeout);
 
+  const size_t size = data.size();
   data.push_back(regroup_wanted_.exchange(false) ? 1.0f : 0.0f);
-  auto result = allreduce_.AllReduce(round, data, weight, options);
-  if (!result.ok()) {
+  auto shared = allreduce_.AllReduceShared(round, data, weight, options);
+  if (!shared.ok()) {
     data.pop_back();
     group_.reset();
-    return result.status().WithContext("all-reduce round in a group of " + std::to_string(n) +
+    return shared.status().WithContext("all-reduce round in a group of " + std::to_string(n) +
                                        " ranks");
   }
-  const bool regroup = data.back() > 0;
-  data.pop_back();
+  if (!data.empty()) data.pop_back();
+  const averaging::AllReduceReport& result = shared->report;
+  report.mean = shared->mean;
+  const bool regroup = (*report.mean)[size] > 0;
 
   std::vector<int> everywhere;
   for (int i = 0; i < n; ++i) {
     bool in_all = true;
-    for (const auto& part : result->parts) {
+    for (const auto& part : result.parts) {
       if (std::find(part.contributors.begin(), part.contributors.end(), i) ==
           part.contributors.end()) {
         in_all = false;
@@ -380,18 +396,18 @@ Result<MeanReport> SwarmAverager::Mean(std::vector<float>& data, Clock::time_poi
     if (in_all) everywhere.push_back(i);
   }
   report.contributors = everywhere;
-  report.failures = result->failures;
+  report.failures = result.failures;
   if (std::find(everywhere.begin(), everywhere.end(), group.my_index) == everywhere.end()) {
     group_.reset();
     if (options_.matchmaking_key.empty()) {
       // The others dropped this rank (it was silent too long) and go on without it. A standalone
       // launch has no way back in (its leader only forms groups at start), so say so now rather
       // than wait for a group that never comes; torchrun's restart is the recovery.
-      dropped_ = Status(StatusCode::kUnavailable,
-                        "the other ranks dropped this rank from the averaging group (" +
-                            (result->failures.empty() ? std::string("it was too slow")
-                                                      : result->failures.front()) +
-                            "); a launch without initial peers cannot take it back");
+      dropped_ = Status(
+          StatusCode::kUnavailable,
+          "the other ranks dropped this rank from the averaging group (" +
+              (result.failures.empty() ? std::string("it was too slow") : result.failures.front()) +
+              "); a launch without initial peers cannot take it back");
       return dropped_;
     }
     // In a swarm, the presence records bring it back at the next regroup.

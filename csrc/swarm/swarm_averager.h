@@ -83,6 +83,8 @@ struct MeanReport {
   SwarmGroup group;               // the group the round ran in
   std::vector<int> contributors;  // indices in `group` whose data is in every part of the mean
   std::vector<std::string> failures;
+  // The mean, read-only (shared with the round): its first n elements, n = data's size at the call.
+  std::shared_ptr<const std::vector<float>> mean;
 };
 
 class SwarmAverager {
@@ -97,13 +99,20 @@ class SwarmAverager {
   SwarmAverager& operator=(const SwarmAverager&) = delete;
 
   // Replaces `data` by the weighted mean over the contributors. Every contributor ends with
-  // bitwise identical data; on error `data` is unchanged and the next op forms a new group. Its
-  // storage may be replaced (AllReduceService::AllReduce): re-read data.data() afterwards.
+  // bitwise identical data; on error `data` is unchanged (unless the others dropped this rank
+  // mid-round: then it may be empty) and the next op forms a new group. Its storage may be
+  // replaced (AllReduceService::AllReduce): re-read data.data() afterwards.
   // `signature` names the kind of op (dtype, size): regrouping waits for the anchor signature.
   // `codecs`: ranges of `data` sent compressed (averaging::AllReduceOptions::codecs).
   Result<MeanReport> Mean(std::vector<float>& data, Clock::time_point deadline,
                           const std::string& signature, float weight = 1.0f,
                           std::vector<averaging::CodecRange> codecs = {});
+  // Mean without the copy into `data` (AllReduceService::AllReduceShared): the mean is
+  // report.mean. On success `data` holds the input again or is left empty; on error it is
+  // unchanged.
+  Result<MeanReport> MeanShared(std::vector<float>& data, Clock::time_point deadline,
+                                const std::string& signature, float weight = 1.0f,
+                                std::vector<averaging::CodecRange> codecs = {});
 
   // Every member's `mine`, in group order (this member's own included). Any member that fails to
   // send fails the op (naming it) and the next op forms a new group.

@@ -53,6 +53,7 @@ using averaging::GroupKeyOptions;
 using averaging::Matchmaker;
 using averaging::MatchmakingOptions;
 using averaging::MemberMode;
+using averaging::SharedMean;
 using dht::DhtRunner;
 
 MemberMode ParseMode(const std::string& mode) {
@@ -309,16 +310,16 @@ class Averager {
     if (bytes > 0) std::memcpy(data.data(), info.ptr, bytes);
     AllReduceOptions options = config_.allreduce;
     options.timeout = timeout;
-    Result<AllReduceReport> report = Status();
+    Result<SharedMean> shared = Status();
     {
       py::gil_scoped_release release;
-      report =
-          services->allreduce->AllReduce(formed.group, data, static_cast<float>(weight), options);
+      shared = services->allreduce->AllReduceShared(formed.group, data, static_cast<float>(weight),
+                                                    options);
     }
-    if (!report.ok()) Raise(report.status());
-    // AllReduce leaves an auxiliary member's vector unchanged, so copying back is harmless.
-    if (bytes > 0) std::memcpy(info.ptr, data.data(), bytes);
-    return ReportToDict(*report);
+    if (!shared.ok()) Raise(shared.status());
+    // An auxiliary member gets no mean: its buffer stays as it was.
+    if (shared->mean && bytes > 0) std::memcpy(info.ptr, shared->mean->data(), bytes);
+    return ReportToDict(shared->report);
   }
 
  private:

@@ -866,14 +866,20 @@ void HivemindBackend::MeanAllReduce(std::vector<at::Tensor>& tensors, c10d::Redu
     flat.zero_();
     data[static_cast<size_t>(total)] = 1.0f;
   }
-  auto report =
-      swarm_->Mean(data, deadline, Signature("mean", tensors, op.op_), Weight(), std::move(codecs));
+  // Shared: the mean is copied once, straight into the tensors.
+  auto report = swarm_->MeanShared(data, deadline, Signature("mean", tensors, op.op_), Weight(),
+                                   std::move(codecs));
   if (!report.ok()) Fail("allreduce failed: " + report.status().ToString());
-  flat = at::from_blob(data.data(), {total}, at::kFloat);  // Mean may move the storage
-  if (data[static_cast<size_t>(total)] > 0.0f) flat.fill_(std::numeric_limits<float>::quiet_NaN());
+  const std::vector<float>& mean = *report->mean;
+  if (mean[static_cast<size_t>(total)] > 0.0f) {
+    for (auto& tensor : tensors) tensor.fill_(std::numeric_limits<float>::quiet_NaN());
+    return;
+  }
+  // from_blob wants a mutable pointer; nothing writes through this view.
+  at::Tensor result = at::from_blob(const_cast<float*>(mean.data()), {total}, at::kFloat);
   offset = 0;
   for (auto& tensor : tensors) {
-    tensor.copy_(flat.narrow(0, offset, tensor.numel()).view(tensor.sizes()));
+    tensor.copy_(result.narrow(0, offset, tensor.numel()).view(tensor.sizes()));
     offset += tensor.numel();
   }
 }

@@ -223,6 +223,48 @@ TEST(AllReduce, ExactWeightedMeanFor2To16Peers) {
   }
 }
 
+// The mean shared with the round: identical on every contributor, equal to AllReduce's, and the
+// caller's vector comes back holding its input (or empty); an auxiliary member gets no mean.
+TEST(AllReduce, SharedMeanEqualsTheCopiedOneAndGivesTheInputBack) {
+  std::vector<MemberMode> modes = {MemberMode::kNormal, MemberMode::kNormal,
+                                   MemberMode::kAuxiliary};
+  auto peers = StartPeers(modes);
+  ASSERT_EQ(peers.size(), 3u);
+  std::mt19937 rng(31);
+  auto inputs = RandomInputs(3, 1000, rng);
+  std::vector<float> weights = {1.0f, 2.0f, 1.0f};
+  Group group = MakeGroup(peers, modes, "shared");
+  std::vector<std::optional<Result<SharedMean>>> results(3);
+  std::vector<std::vector<float>> data = inputs;
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 3; ++i) {
+    threads.emplace_back([&, i] {
+      Group mine = group;
+      mine.my_index = i;
+      results[i] = peers[i].service->AllReduceShared(mine, data[i], weights[i], FastOptions(64));
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(results[i]->ok()) << i << ": " << results[i]->status().ToString();
+    EXPECT_TRUE(data[i] == inputs[i] || (i < 2 && data[i].empty())) << "member " << i;
+  }
+  EXPECT_EQ(results[2]->value().mean, nullptr);
+  const auto& mean = results[0]->value().mean;
+  ASSERT_NE(mean, nullptr);
+  ASSERT_EQ(mean->size(), 1000u);
+  EXPECT_EQ(*mean, *results[1]->value().mean);
+  for (size_t e = 0; e < mean->size(); ++e) {
+    const double expected = (inputs[0][e] + 2.0 * inputs[1][e]) / 3.0;
+    ASSERT_NEAR((*mean)[e], expected, 1e-5) << e;
+  }
+  // The same inputs through AllReduce, in a new round: the same bits.
+  Outcome copied = RunRound(peers, MakeGroup(peers, modes, "copied"), inputs, weights,
+                            std::vector<AllReduceOptions>(3, FastOptions(64)));
+  ExpectConsistentMeans(group, copied, inputs, weights, AllIndices(3));
+  EXPECT_EQ(copied.data[0], *mean);
+}
+
 TEST(AllReduce, EncryptedLinksWithDefaultPartSize) {
   std::vector<MemberMode> modes(3, MemberMode::kNormal);
   auto peers = StartPeers(modes, /*encryption=*/true);
