@@ -1789,7 +1789,7 @@ Result<AllReduceReport> AllReduceService::AllReduce(const Group& group, std::vec
   const size_t size = data.size();
   auto shared = AllReduceShared(group, data, weight, options);
   if (!shared.ok()) return shared.status();
-  if (shared->mean) {
+  if (shared->mean && size > 0) {
     data.resize(size);  // no allocation unless the transport kept the input's storage
     std::memcpy(data.data(), shared->mean->data(), size * sizeof(float));
   }

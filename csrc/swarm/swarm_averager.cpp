@@ -332,7 +332,7 @@ Result<MeanReport> SwarmAverager::Mean(std::vector<float>& data, Clock::time_poi
   auto report = MeanShared(data, deadline, signature, weight, std::move(codecs));
   if (!report.ok()) return report;
   data.resize(size);  // no allocation unless the transport kept the input's storage
-  std::memcpy(data.data(), report->mean->data(), size * sizeof(float));
+  if (size > 0) std::memcpy(data.data(), report->mean->data(), size * sizeof(float));
   return report;
 }
 
