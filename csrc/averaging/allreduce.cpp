@@ -255,9 +255,10 @@ class Round : public std::enable_shared_from_this<Round> {
   // Gives the caller back the input's storage once every part is final, when nothing else holds
   // it any more (else it goes to the pool when released). Clears input_.
   void GiveBackInputLocked(std::vector<float>& data);
-  // Copies into results_ the final parts whose values live elsewhere (this member's own share, a
-  // takeover's or an adopted result), so results_ is the whole mean.
-  void GatherResultsLocked();
+  // Copies into results_ the final parts whose values live elsewhere (a takeover's result, or one
+  // that arrived while this member was still reducing the part), so results_ is the whole mean.
+  // First waits for this member's reductions still writing into results_.
+  void GatherResults(std::unique_lock<std::mutex>& lock);
   Status ServeSender(const net::CallContext& context, Stream& stream,
                      const wire::AveragingHeader& open);
   Status ServeCollect(const net::CallContext& context, Stream& stream,
@@ -296,6 +297,20 @@ class Round : public std::enable_shared_from_this<Round> {
       if (!view_[p].final) return false;
     }
     return true;
+  }
+  // Whether a reduction of this member's own share may be writing part p's range of results_ now
+  // (any part, for kAnyPart): it writes without the lock, so nothing else may touch that range.
+  static constexpr size_t kAnyPart = static_cast<size_t>(-1);
+  bool ResultsBeingWrittenLocked(size_t p) const {
+    if (!results_ || share_results_ != results_) return false;
+    auto own = reductions_.find({me_, 0});
+    if (own == reductions_.end()) return false;
+    const Reduction& reduction = *own->second;
+    for (size_t k = 0; k < reduction.state.size(); ++k) {
+      if (p != kAnyPart && p != reduction.first_part + k) continue;
+      if (reduction.state[k] == PartState::kReducing) return true;
+    }
+    return false;
   }
   bool DoneLocked() const {
     if (contributes_) {
@@ -355,12 +370,11 @@ class Round : public std::enable_shared_from_this<Round> {
   // it, and it goes back to the caller, unless the round failed (then backups may still collect
   // it during the grace period, and the caller gets a copy back).
   std::shared_ptr<std::vector<float>> input_;
-  // The results of this member's own share, written in place by Compute (it starts at element
-  // share_results_base_), and a contributor's whole mean: the others' shares decoded into it as
-  // they arrive, its own share copied in at the end (both pooled). The mean is shared read-only
-  // with the caller, and kept for takeovers during the grace period. Separate buffers, so that a
-  // reduction of this member's share still running after a backup took the share over never
-  // writes where that backup's results are decoded.
+  // A contributor's whole mean (pooled): its own share reduced in place, the others' shares
+  // decoded into it as they arrive. Shared read-only with the caller once the round is done, and
+  // kept for takeovers during the grace period. share_results_ is where this member reduces its
+  // own share (starting at element share_results_base_): results_ itself, or for an auxiliary
+  // member a pooled buffer of the share's size.
   std::shared_ptr<std::vector<float>> share_results_;
   size_t share_results_base_ = 0;
   std::shared_ptr<std::vector<float>> results_;
@@ -512,7 +526,8 @@ Computed Round::Compute(const Reduction& reduction, size_t k,
     weights.push_back(entry.weight);
     out.contributors.push_back(m);
   }
-  // My own share's results go to the round's pooled buffer; a backup's to a fresh one.
+  // My own share's results go in place (results_, for a contributor); a backup's to a fresh
+  // buffer.
   if (reduction.position == 0 && reduction.share == me_ && share_results_) {
     size_t offset = part.begin - share_results_base_;
     out.values =
@@ -563,11 +578,22 @@ bool PartReady(const Reduction& reduction, size_t k) {
 void Round::Pump(std::unique_lock<std::mutex>& lock, Reduction& reduction) {
   while (true) {
     std::vector<std::pair<size_t, std::vector<Entry>>> work;
+    bool abandoned = false;
     for (size_t k = 0; k < reduction.state.size(); ++k) {
       if (!PartReady(reduction, k)) continue;
+      if (owner_pos_[reduction.share] != reduction.position) {
+        // A backup collected this share: its results count, and they may already sit where this
+        // reduction would write (results_, for this member's own share).
+        reduction.state[k] = PartState::kAbandoned;
+        reduction.entries[k].assign(n_, Entry());
+        ++reduction.terminal;
+        abandoned = true;
+        continue;
+      }
       reduction.state[k] = PartState::kReducing;
       work.emplace_back(k, reduction.entries[k]);
     }
+    if (abandoned) cv_.notify_all();
     if (work.empty()) return;
     lock.unlock();
     std::vector<Computed> results;
@@ -654,8 +680,9 @@ Status Round::ApplyResultLocked(int share, size_t position, const wire::Averagin
   const Part& part = partition_.parts()[header.part()];
   // Decoded into the round's pooled buffer, so the transport's buffer is freed now: received
   // buffers held through the grace period made the allocator map and unmap fresh memory every
-  // round (a third of a 64 MiB round).
-  Payload values = results_
+  // round (a third of a 64 MiB round). Not where this member's own reduction of the part (a
+  // backup took its share over meanwhile) is still writing: GatherResults copies it in later.
+  Payload values = results_ && !ResultsBeingWrittenLocked(header.part())
                        ? Payload(results_->data() + part.begin, part.size * sizeof(float), results_)
                        : Payload::Allocate(part.size * sizeof(float));
   float* target = reinterpret_cast<float*>(values.mutable_data());
@@ -1415,7 +1442,10 @@ Result<SharedMean> Round::Run(std::vector<float>& data) {
       }
       input_ = service->pool->Adopt(std::move(data));
     }
-    if (partition_.num_parts(me_) > 0) {
+    if (contributes_) {
+      results_ = service->pool->Take(partition_.total_elements());
+      share_results_ = results_;  // the own share is reduced in place: no copy at the end
+    } else if (partition_.num_parts(me_) > 0) {
       size_t first = partition_.first_part(me_);
       size_t share_elements = 0;
       for (size_t p = first; p < first + partition_.num_parts(me_); ++p) {
@@ -1424,7 +1454,6 @@ Result<SharedMean> Round::Run(std::vector<float>& data) {
       share_results_ = service->pool->Take(share_elements);
       share_results_base_ = partition_.parts()[first].begin;
     }
-    if (contributes_) results_ = service->pool->Take(partition_.total_elements());
   }
   {
     std::unique_lock<std::mutex> lock(mutex_);
@@ -1593,7 +1622,7 @@ Result<SharedMean> Round::Run(std::vector<float>& data) {
     // Every part is final now, so collects are answered from the results and nobody reads the
     // input any more.
     GiveBackInputLocked(data);
-    GatherResultsLocked();
+    GatherResults(lock);
     for (size_t p = 0; p < view_.size(); ++p) {
       const Part& part = partition_.parts()[p];
       const PartView& view = view_[p];
@@ -1619,7 +1648,10 @@ void Round::GiveBackInputLocked(std::vector<float>& data) {
   }
 }
 
-void Round::GatherResultsLocked() {
+void Round::GatherResults(std::unique_lock<std::mutex>& lock) {
+  // A reduction that lost its share to a backup may still be writing its (abandoned) values;
+  // the backup's must land after them. Pump notifies when a reduction ends.
+  cv_.wait(lock, [this] { return !ResultsBeingWrittenLocked(kAnyPart); });
   // Only the ranges of parts whose values live elsewhere are written: nothing else reads or
   // writes those (results are decoded into results_ only for a part not final yet).
   std::vector<float> scratch;
