@@ -7,13 +7,15 @@ For every (S, n) of the grid, one round of averaging a float32 vector of S bytes
     unless --encrypt);
   - Gloo: torch.distributed with backend="gloo", n processes (torch.multiprocessing, FileStore),
     dist.all_reduce(SUM) on the same sizes (the division by n is left out of Gloo's time, in its
-    favour; ours includes it).
+    favour; ours includes it);
+  - c10d: the same torch.distributed job with backend="hivemind" (what DDP users call: the op
+    thread, the flat buffer, the persistent swarm group and the same all-reduce underneath).
 Both: warm-up rounds, then timed rounds; a round starts after a barrier, and its time is the last
 peer's end minus the first peer's start on the shared monotonic clock; the median is reported.
 Both check every round's result against the known mean. Ours runs right before Gloo for each n.
 
     python3 benchmarks/benchmark_averaging.py [--full] [--sizes 4,16,64] [--peers 2,4]
-        [--rounds 5] [--warmup 1] [--encrypt] [--binary build/bin/benchmark_averaging]
+        [--rounds 5] [--warmup 1] [--encrypt] [--no-c10d] [--binary build/bin/benchmark_averaging]
         [--hivemind-python /tmp/hivemind-venv/bin/python] [--json-out FILE]
 
 With --hivemind-python (the python of a side virtual environment with `pip install hivemind`),
@@ -106,16 +108,22 @@ def run_ours(binary, extra_flags, timeout):
 
 
 # -------------------------------------------------------------------------------------------------
-# Gloo: one process per rank, spawned by torch.multiprocessing.
+# torch.distributed (Gloo, or ours as a c10d backend): one process per rank, spawned by
+# torch.multiprocessing.
 
-def gloo_worker(rank, n, sizes, warmup, rounds, store_path, timeout_s, queue):
+def torch_worker(rank, backend, n, sizes, warmup, rounds, store_path, timeout_s, encrypt, queue):
     import datetime
 
     import torch
     import torch.distributed as dist
 
+    if backend == "hivemind":
+        import hivemind_backend  # noqa: F401  (registers the backend)
+        # Links as in the "ours" column (CURVE only with --encrypt; the backend's default is on).
+        os.environ["HIVEMIND_ENCRYPTION"] = "1" if encrypt else "0"
+        os.environ["HIVEMIND_COMPRESSION"] = "none"
     store = dist.FileStore(store_path, n)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=n,
+    dist.init_process_group(backend, store=store, rank=rank, world_size=n,
                             timeout=datetime.timedelta(seconds=timeout_s))
     results = {}
     error = ""
@@ -137,7 +145,7 @@ def gloo_worker(rank, n, sizes, warmup, rounds, store_path, timeout_s, queue):
                 expected = pattern + (base + 0.5 * (n - 1))
                 if not torch.equal(tensor, expected):
                     bad = int((tensor != expected).nonzero()[0])
-                    raise RuntimeError(f"gloo: wrong mean at element {bad} of S={size}: "
+                    raise RuntimeError(f"{backend}: wrong mean at element {bad} of S={size}: "
                                        f"{float(tensor[bad])}, expected {float(expected[bad])}")
                 del tensor, expected
                 if r >= warmup:
@@ -150,16 +158,17 @@ def gloo_worker(rank, n, sizes, warmup, rounds, store_path, timeout_s, queue):
     dist.destroy_process_group()
 
 
-def run_gloo(n, sizes, warmup, rounds, timeout):
+def run_torch(backend, n, sizes, warmup, rounds, timeout, encrypt):
     """Returns ({size: [round seconds]}, max rss MiB per rank, problem text)."""
     import torch.multiprocessing as mp
 
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
-    with tempfile.TemporaryDirectory(prefix="bench-gloo-") as directory:
+    with tempfile.TemporaryDirectory(prefix=f"bench-{backend}-") as directory:
         store_path = os.path.join(directory, "store")
         procs = mp.start_processes(
-            gloo_worker, args=(n, list(sizes), warmup, rounds, store_path, timeout, queue),
+            torch_worker,
+            args=(backend, n, list(sizes), warmup, rounds, store_path, timeout, encrypt, queue),
             nprocs=n, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
         try:
@@ -167,15 +176,15 @@ def run_gloo(n, sizes, warmup, rounds, timeout):
                 if time.monotonic() >= deadline:
                     for process in procs.processes:
                         process.kill()
-                    return None, 0, f"gloo with n={n} did not finish within {timeout:.0f} s"
+                    return None, 0, f"{backend} with n={n} did not finish within {timeout:.0f} s"
         except Exception as exc:  # a rank died
-            return None, 0, f"gloo with n={n}: {exc}"
+            return None, 0, f"{backend} with n={n}: {exc}"
     per_rank = []
     while not queue.empty():
         per_rank.append(queue.get())
     errors = [error for _, _, _, error in per_rank if error]
     if len(per_rank) != n or errors:
-        return None, 0, f"gloo with n={n}: " + ("; ".join(errors) or "a rank sent no result")
+        return None, 0, f"{backend} with n={n}: " + ("; ".join(errors) or "a rank sent no result")
     seconds = {}
     for size in sizes:
         rounds_of = [results[size] for _, results, _, _ in per_rank]
@@ -299,31 +308,40 @@ def fmt_size(size):
 def print_table(rows, encrypt):
     print("averaging benchmark: one all-reduce round (mean of a float32 vector), n peers = n "
           "processes on 127.0.0.1")
-    print(f"ours: AllReduceService ({'CURVE' if encrypt else 'no encryption'}); gloo: torch "
-          f"{rows[0]['torch'] if rows else ''} dist.all_reduce(SUM), backend gloo")
+    print(f"ours: AllReduceService ({'CURVE' if encrypt else 'no encryption'}); c10d: torch "
+          f"{rows[0]['torch'] if rows else ''} dist.all_reduce(SUM) with backend hivemind; gloo: "
+          f"the same with backend gloo")
     print("time = median over timed rounds of (last peer done - first peer started); "
           "bus GB/s = 2(n-1)/n * S / time")
-    print("ratio = gloo time / ours time (above 1: ours is faster); of bound = fraction of the "
+    print("x gloo = gloo time / that time (above 1: faster than Gloo); of bound = fraction of the "
           "loopback bound (see benchmark_averaging.cpp)")
     print()
-    print(f"{'S':>9} {'n':>3} {'ours ms':>9} {'gloo ms':>9} {'ours GB/s':>10} {'gloo GB/s':>10} "
-          f"{'ours/gloo':>10} {'of bound':>9} {'RSS ours/gloo MiB':>18}")
-    print("-" * 95)
+
+    def ms(seconds):
+        return f"{seconds * 1e3:9.1f}" if seconds else f"{'-':>9}"
+
+    def versus(seconds, gloo_s):
+        return f"{gloo_s / seconds:9.2f}x" if seconds and gloo_s else f"{'-':>10}"
+
+    print(f"{'S':>9} {'n':>3} {'ours ms':>9} {'c10d ms':>9} {'gloo ms':>9} {'ours GB/s':>10} "
+          f"{'ours x gloo':>11} {'c10d x gloo':>11} {'of bound':>9} {'RSS ours/gloo MiB':>18}")
+    print("-" * 107)
     for row in rows:
         ours_s, gloo_s = row["ours_s"], row["gloo_s"]
-        gloo_ms = f"{gloo_s * 1e3:9.1f}" if gloo_s else f"{'FAILED':>9}"
-        gloo_bw = f"{bus_gbps(row['size'], row['n'], gloo_s):10.2f}" if gloo_s else f"{'-':>10}"
-        ratio = f"{gloo_s / ours_s:9.2f}x" if gloo_s else f"{'-':>10}"
         bound = f"{row['bound_fraction']:9.2f}" if row["bound_fraction"] else f"{'-':>9}"
         rss = f"{row['ours_rss']:.0f} / {row['gloo_rss']:.0f}"
-        print(f"{fmt_size(row['size']):>9} {row['n']:>3} {ours_s * 1e3:9.1f} {gloo_ms} "
-              f"{bus_gbps(row['size'], row['n'], ours_s):10.2f} {gloo_bw} {ratio} {bound} "
+        print(f"{fmt_size(row['size']):>9} {row['n']:>3} {ms(ours_s)} {ms(row['c10d_s'])} "
+              f"{ms(gloo_s)} {bus_gbps(row['size'], row['n'], ours_s):10.2f} "
+              f"{versus(ours_s, gloo_s):>11} {versus(row['c10d_s'], gloo_s):>11} {bound} "
               f"{rss:>18}")
-    measured = [row for row in rows if row["gloo_s"]]
-    met = [row for row in measured if row["gloo_s"] >= row["ours_s"]]
+    for name, key in (("ours", "ours_s"), ("c10d", "c10d_s")):
+        measured = [row for row in rows if row["gloo_s"] and row[key]]
+        met = [row for row in measured if row["gloo_s"] >= row[key]]
+        if measured:
+            print(f"\ntarget: at least Gloo's speed ({name}): met in {len(met)} of {len(measured)}"
+                  f" rows" + ("" if len(met) == len(measured) else " (MISSED in the others)"),
+                  end="")
     print()
-    print(f"target: at least Gloo's speed: met in {len(met)} of {len(measured)} rows"
-          + ("" if len(met) == len(measured) else " (MISSED in the others)"))
 
 
 def print_hivemind(theirs, ours_row, problem):
@@ -384,6 +402,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds (default 1)")
     parser.add_argument("--encrypt", action="store_true", help="CURVE on our links")
     parser.add_argument("--no-gloo", action="store_true", help="skip torch's Gloo")
+    parser.add_argument("--no-c10d", action="store_true",
+                        help="skip torch.distributed with backend hivemind")
     parser.add_argument("--hivemind-python", metavar="PATH",
                         help="python of a side virtual environment with hivemind installed")
     parser.add_argument("--timeout", type=float, default=600,
@@ -402,11 +422,11 @@ def main(argv=None):
     if args.encrypt:
         common.append("--encrypt")
     torch_version = ""
-    if not args.no_gloo:
+    if not (args.no_gloo and args.no_c10d):
         import torch
         torch_version = torch.__version__
 
-    rows, raw, exit_code = [], {"ours": [], "gloo": {}}, 0
+    rows, raw, exit_code = [], {"ours": [], "gloo": {}, "c10d": {}}, 0
     for n in peers:
         print(f"  n = {n}: ours ...", file=sys.stderr, flush=True)
         ours, problem = run_ours(args.binary, common + [f"--peers={n}", "--sizes=" + ",".join(
@@ -418,18 +438,26 @@ def main(argv=None):
                       "benchmark_averaging; or pass --binary", file=sys.stderr)
             return 1
         raw["ours"].append(ours)
-        gloo, gloo_rss = None, 0
-        if not args.no_gloo:
-            print(f"  n = {n}: gloo ...", file=sys.stderr, flush=True)
-            gloo, gloo_rss, problem = run_gloo(n, sizes, args.warmup, args.rounds, args.timeout)
+        measured = {}
+        for backend, skip in (("hivemind", args.no_c10d), ("gloo", args.no_gloo)):
+            if skip:
+                continue
+            print(f"  n = {n}: {backend} (torch.distributed) ...", file=sys.stderr, flush=True)
+            times, rss, problem = run_torch(backend, n, sizes, args.warmup, args.rounds,
+                                            args.timeout, args.encrypt)
             if problem:
                 print(problem, file=sys.stderr)
                 exit_code = 1
-            raw["gloo"][n] = gloo and {str(k): v for k, v in gloo.items()}
+            measured[backend] = (times, rss)
+            raw["c10d" if backend == "hivemind" else "gloo"][n] = times and {
+                str(k): v for k, v in times.items()}
+        gloo, gloo_rss = measured.get("gloo", (None, 0))
+        c10d, _ = measured.get("hivemind", (None, 0))
         for row in ours["rows"]:
             size = row["size_bytes"]
             rows.append({"size": size, "n": n, "ours_s": row["median_s"],
                          "gloo_s": median(gloo[size]) if gloo else None,
+                         "c10d_s": median(c10d[size]) if c10d else None,
                          "bound_fraction": row["bound_fraction"],
                          "ours_rss": row["max_rss_mib"], "gloo_rss": gloo_rss,
                          "torch": torch_version})

@@ -1437,7 +1437,7 @@ Result<SharedMean> Round::Run(std::vector<float>& data) {
   {
     service->Sweep();  // the buffers of released rounds go back to the pool first
     if (contributes_) {
-      if (!AllFinite(data.data(), data.size())) {
+      if (!options_.input_checked && !AllFinite(data.data(), data.size())) {
         return Status(StatusCode::kInvalidArgument, "the local vector has non-finite values");
       }
       input_ = service->pool->Adopt(std::move(data));

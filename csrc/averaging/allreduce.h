@@ -49,6 +49,10 @@ struct AllReduceOptions {
   // is computed from the decoded contributions (a reducer's own contribution is exact) and every
   // member, the reducer included, ends with the decoded result, so results stay identical.
   std::vector<CodecRange> codecs;
+  // The caller has checked that its vector is finite (the c10d backend does it in the pass that
+  // fills the vector), so the round skips its own check. A false claim harms only this member:
+  // every reducer checks the parts it receives and excludes their sender.
+  bool input_checked = false;
   // Test hook: called (from any thread, without locks held) at the points above. Must not block.
   std::function<void(RoundEvent, size_t part)> observer;
 };

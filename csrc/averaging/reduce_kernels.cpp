@@ -88,4 +88,20 @@ bool CopyFinite(const float* in, size_t count, float* out) {
   return bad == 0;
 }
 
+bool ScaledCopyFinite(const float* in, size_t count, float scale, float* out) {
+  const auto* __restrict source = reinterpret_cast<const uint8_t*>(in);
+  auto* __restrict target = reinterpret_cast<uint8_t*>(out);
+  uint32_t bad = 0;
+  for (size_t i = 0; i < count; ++i) {
+    float value;
+    std::memcpy(&value, source + i * sizeof(float), sizeof(value));
+    value *= scale;
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof(bits));
+    std::memcpy(target + i * sizeof(float), &bits, sizeof(bits));
+    bad += static_cast<uint32_t>((bits & kExponent) == kExponent);
+  }
+  return bad == 0;
+}
+
 }  // namespace hivemind::averaging

@@ -1,6 +1,7 @@
-// The arithmetic of a round: finiteness checks, the weighted mean of a part, and the checked copy
-// of a received part. Built with -O3 (CMakeLists.txt): at -O2 GCC leaves these loops scalar, and
-// they were a fifth of a 64 MiB round. Pointers need not be aligned.
+// The arithmetic of a round: finiteness checks, the weighted mean of a part, the checked copy of a
+// received part, and the c10d backend's checked, scaled copy of its tensors. Built with -O3
+// (CMakeLists.txt): at -O2 GCC leaves these loops scalar, and they were a fifth of a 64 MiB round.
+// Pointers need not be aligned.
 #pragma once
 
 #include <cstddef>
@@ -18,5 +19,9 @@ void WeightedMean(const float* const* inputs, const double* weights, size_t num_
 
 // Copies `count` floats from `in` to `out`; false (after copying) when any of them is not finite.
 bool CopyFinite(const float* in, size_t count, float* out);
+
+// out[i] = in[i] * scale (in float, as torch's `mul_` by a scalar); false (after writing) when any
+// result is not finite. One pass where copy, scale and check would make three.
+bool ScaledCopyFinite(const float* in, size_t count, float scale, float* out);
 
 }  // namespace hivemind::averaging

@@ -338,7 +338,8 @@ Result<MeanReport> SwarmAverager::Mean(std::vector<float>& data, Clock::time_poi
 
 Result<MeanReport> SwarmAverager::MeanShared(std::vector<float>& data, Clock::time_point deadline,
                                              const std::string& signature, float weight,
-                                             std::vector<averaging::CodecRange> codecs) {
+                                             std::vector<averaging::CodecRange> codecs,
+                                             bool input_checked) {
   if (!dropped_.ok()) return dropped_;
   Status ready = EnsureGroup(deadline, signature);
   if (!ready.ok()) return ready;
@@ -365,6 +366,7 @@ Result<MeanReport> SwarmAverager::MeanShared(std::vector<float>& data, Clock::ti
   }
   averaging::AllReduceOptions options = options_.allreduce;
   options.codecs = std::move(codecs);
+  options.input_checked = input_checked;  // the regroup vote appended below is 0 or 1
   options.timeout = Left(deadline);
   options.sender_timeout = std::min(options.sender_timeout, options.timeout);
   options.reducer_timeout = std::min(options.reducer_timeout, options.timeout);

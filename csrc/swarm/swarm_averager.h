@@ -109,10 +109,12 @@ class SwarmAverager {
                           std::vector<averaging::CodecRange> codecs = {});
   // Mean without the copy into `data` (AllReduceService::AllReduceShared): the mean is
   // report.mean. On success `data` holds the input again or is left empty; on error it is
-  // unchanged.
+  // unchanged. `input_checked`: the caller has checked `data` is finite
+  // (averaging::AllReduceOptions::input_checked).
   Result<MeanReport> MeanShared(std::vector<float>& data, Clock::time_point deadline,
                                 const std::string& signature, float weight = 1.0f,
-                                std::vector<averaging::CodecRange> codecs = {});
+                                std::vector<averaging::CodecRange> codecs = {},
+                                bool input_checked = false);
 
   // Every member's `mine`, in group order (this member's own included). Any member that fails to
   // send fails the op (naming it) and the next op forms a new group.

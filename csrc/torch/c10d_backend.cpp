@@ -1,9 +1,11 @@
 #include "torch/c10d_backend.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -847,11 +849,27 @@ void HivemindBackend::MeanAllReduce(std::vector<at::Tensor>& tensors, c10d::Redu
   // whatever the tensor's dtype, hence kFloat32 for the choice.
   const auto policy = averaging::CodecPolicy::AllRoles(compression_);
   std::vector<averaging::CodecRange> codecs;
+  std::atomic<bool> finite{true};
   int64_t offset = 0;
   for (const auto& tensor : tensors) {
-    at::Tensor slice = flat.narrow(0, offset, tensor.numel());
-    slice.copy_(tensor.reshape({-1}));
-    if (scale != 1.0) slice.mul_(scale);
+    float* target = data.data() + offset;
+    if (tensor.device().is_cpu() && tensor.scalar_type() == at::kFloat && tensor.is_contiguous()) {
+      // DDP's gradient buckets: copied, scaled and checked in one pass (three with torch's ops),
+      // on torch's intra-op threads as its copy would be. Scaled in float, as mul_ does.
+      const float* source = tensor.const_data_ptr<float>();
+      at::parallel_for(
+          0, tensor.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+            if (!averaging::ScaledCopyFinite(source + begin, static_cast<size_t>(end - begin),
+                                             static_cast<float>(scale), target + begin)) {
+              finite = false;
+            }
+          });
+    } else {
+      at::Tensor slice = flat.narrow(0, offset, tensor.numel());
+      slice.copy_(tensor.reshape({-1}));
+      if (scale != 1.0) slice.mul_(scale);
+      if (!averaging::AllFinite(target, static_cast<size_t>(tensor.numel()))) finite = false;
+    }
     averaging::CodecSpec spec = averaging::ChooseCodec(static_cast<uint64_t>(tensor.numel()),
                                                        averaging::TensorRole::kGradient, policy);
     if (spec.id != averaging::CodecId::kNone) {
@@ -862,13 +880,14 @@ void HivemindBackend::MeanAllReduce(std::vector<at::Tensor>& tensors, c10d::Redu
   // The all-reduce refuses non-finite values (an outsider must not be able to poison the mean),
   // yet AMP's GradScaler relies on an overflow anywhere reaching everyone. So a member with
   // inf/NaN sends zeros and raises the flag, and everyone's result becomes NaN.
-  if (!averaging::AllFinite(data.data(), static_cast<size_t>(total))) {
+  if (!finite) {
     flat.zero_();
     data[static_cast<size_t>(total)] = 1.0f;
   }
-  // Shared: the mean is copied once, straight into the tensors.
+  // Shared: the mean is copied once, straight into the tensors. Checked above, so the round
+  // does not check again.
   auto report = swarm_->MeanShared(data, deadline, Signature("mean", tensors, op.op_), Weight(),
-                                   std::move(codecs));
+                                   std::move(codecs), /*input_checked=*/true);
   if (!report.ok()) Fail("allreduce failed: " + report.status().ToString());
   const std::vector<float>& mean = *report->mean;
   if (mean[static_cast<size_t>(total)] > 0.0f) {

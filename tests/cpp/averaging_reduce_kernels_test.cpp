@@ -67,5 +67,34 @@ TEST(ReduceKernels, EveryPositionOfANonFiniteValueIsFoundEvenUnaligned) {
   EXPECT_EQ(out, values);
 }
 
+TEST(ReduceKernels, ScaledCopyMatchesAFloatLoopAndFindsNonFiniteResults) {
+  for (size_t n : {0u, 1u, 7u, 2048u, 4099u}) {
+    std::vector<float> values = Random(n, 5);
+    // One byte of offset on both sides: the kernel must not assume alignment.
+    std::vector<uint8_t> in(n * sizeof(float) + 1), out(n * sizeof(float) + 1);
+    if (n > 0) std::memcpy(in.data() + 1, values.data(), n * sizeof(float));
+    auto* in_floats = reinterpret_cast<const float*>(in.data() + 1);
+    auto* out_floats = reinterpret_cast<float*>(out.data() + 1);
+    ASSERT_TRUE(ScaledCopyFinite(in_floats, n, 3.0f, out_floats)) << n;
+    for (size_t i = 0; i < n; ++i) {
+      float got;
+      std::memcpy(&got, out.data() + 1 + i * sizeof(float), sizeof(got));
+      ASSERT_EQ(got, values[i] * 3.0f) << "n=" << n << " i=" << i;
+    }
+  }
+  const size_t n = 4099;
+  std::vector<float> values = Random(n, 6);
+  std::vector<float> out(n);
+  for (size_t at : {size_t{0}, size_t{2047}, size_t{2048}, n - 1}) {
+    std::vector<float> copy = values;
+    copy[at] = std::numeric_limits<float>::quiet_NaN();
+    EXPECT_FALSE(ScaledCopyFinite(copy.data(), n, 1.0f, out.data())) << at;
+    // Finite in, infinite out: the scale overflows, and the result is what is checked.
+    copy[at] = std::numeric_limits<float>::max();
+    EXPECT_FALSE(ScaledCopyFinite(copy.data(), n, 2.0f, out.data())) << at;
+    EXPECT_TRUE(ScaledCopyFinite(copy.data(), n, 1.0f, out.data())) << at;
+  }
+}
+
 }  // namespace
 }  // namespace hivemind::averaging

@@ -273,16 +273,31 @@ def _overflow(rank, world_size):
     if rank == 1:
         t[2] = float("inf")
     dist.all_reduce(t)
+    # A bucket large enough for torch's threads to split its checked copy, bad at the far end.
+    big = torch.ones(100_000)
+    if rank == 2:
+        big[-1] = float("nan")
+    dist.all_reduce(big)
+    # Tensors that take the general path: float64, and a non-contiguous view.
+    wide = torch.ones(6, dtype=torch.float64)
+    if rank == 0:
+        wide[5] = float("-inf")
+    dist.all_reduce(wide)
+    transposed = torch.ones(4, 3).t()
+    if rank == 1:
+        transposed[2, 3] = float("nan")
+    dist.all_reduce(transposed)
     after = torch.ones(3)
     dist.all_reduce(after)
-    return {"overflow": t, "after": after}
+    return {"overflow": t, "big": big, "wide": wide, "transposed": transposed, "after": after}
 
 
 def test_an_overflow_on_one_rank_reaches_every_rank_as_nan():
     # AMP's GradScaler finds overflows by looking for non-finite gradients after the all-reduce.
     results = run_ranks(_overflow, 3)
     for rank in range(3):
-        assert torch.isnan(results[rank]["overflow"]).all()
+        for name in ("overflow", "big", "wide", "transposed"):
+            assert torch.isnan(results[rank][name]).all(), (rank, name)
         assert results[rank]["after"].tolist() == [3.0] * 3
 
 
