@@ -87,7 +87,11 @@ struct Channel {
   bool read_ready = false;
   bool read_closed = false;
   std::deque<Message> outbox;
-  int attempts = 0;     // streams opened for this channel (retries after a failed connect)
+  int attempts = 0;  // streams opened for this channel (retries after a failed connect)
+  // The local vector is not finite: the stream opens and closes with no part, so its reducer
+  // excludes this member at once (a stream that breaks before any part could be a lost
+  // connection, which the reducer gives time to come back).
+  bool withhold = false;
   size_t received = 0;  // messages read so far
 };
 
@@ -311,6 +315,20 @@ class Round : public std::enable_shared_from_this<Round> {
       if (reduction.state[k] == PartState::kReducing) return true;
     }
     return false;
+  }
+  // Whether the caller's values in `share`'s range are finite (or the caller vouched for them).
+  bool ShareInputFinite(int share) const {
+    if (options_.input_checked || partition_.num_parts(share) == 0) return true;
+    const size_t first = partition_.first_part(share);
+    const Part& last = partition_.parts()[first + partition_.num_parts(share) - 1];
+    const size_t begin = partition_.parts()[first].begin;
+    return AllFinite(input_->data() + begin, last.begin + last.size - begin);
+  }
+  std::string ShareSpan(int share) const {
+    const size_t first = partition_.first_part(share);
+    const Part& last = partition_.parts()[first + partition_.num_parts(share) - 1];
+    return "[" + std::to_string(partition_.parts()[first].begin) + ", " +
+           std::to_string(last.begin + last.size) + ")";
   }
   bool DoneLocked() const {
     if (contributes_) {
@@ -1408,6 +1426,10 @@ void Round::OpenSenderStream(int share, const std::shared_ptr<Channel>& channel)
       node_.OpenStream(group_.members[share].address, methods_[kAllReduce], net::CallOptions{left});
   channel->stream = channel->owned.get();
   channel->stream->Write(Encode(open));
+  if (channel->withhold) {
+    channel->stream->CloseWrite();
+    return;
+  }
   // Zero-copy: the payloads point into input_, which nobody modifies and which the payloads keep
   // alive until the transport has written them.
   size_t first = partition_.first_part(share);
@@ -1419,7 +1441,7 @@ void Round::OpenSenderStream(int share, const std::shared_ptr<Channel>& channel)
     Payload values(input_->data() + part.begin, part.size * sizeof(float), input_);
     auto encoded = codec_.Encode(values, part.begin);
     if (!encoded.ok()) {
-      // The codecs encode every finite float32 (the input was checked); should this ever fail,
+      // The codecs encode every finite float32 (the share was checked); should this ever fail,
       // the part goes raw and the reducer refuses it, which fails this round with a clear error.
       HM_LOG(kError) << "part " << p << " could not be encoded: " << encoded.status().ToString();
       encoded = std::vector<Payload>{values};
@@ -1436,12 +1458,7 @@ Result<SharedMean> Round::Run(std::vector<float>& data) {
   if (!service) return Status(StatusCode::kCancelled, "the averaging service stopped");
   {
     service->Sweep();  // the buffers of released rounds go back to the pool first
-    if (contributes_) {
-      if (!options_.input_checked && !AllFinite(data.data(), data.size())) {
-        return Status(StatusCode::kInvalidArgument, "the local vector has non-finite values");
-      }
-      input_ = service->pool->Adopt(std::move(data));
-    }
+    if (contributes_) input_ = service->pool->Adopt(std::move(data));
     if (contributes_) {
       results_ = service->pool->Take(partition_.total_elements());
       share_results_ = results_;  // the own share is reduced in place: no copy at the end
@@ -1474,11 +1491,24 @@ Result<SharedMean> Round::Run(std::vector<float>& data) {
   service.reset();
   Notify(RoundEvent::kStarted, 0);
 
+  // Each share's range is checked just before it is sent (while the transport sends the previous
+  // ones), not the whole vector before anything goes out. A range that is not finite fails this
+  // member's round, and the group goes on without it at once (see Channel::withhold).
+  std::optional<Status> not_finite;
+  auto check = [&](int share) {
+    if (!not_finite && !ShareInputFinite(share)) {
+      not_finite =
+          Status(StatusCode::kInvalidArgument,
+                 "the local vector has non-finite values (in elements " + ShareSpan(share) + ")");
+    }
+  };
   if (contributes_) {
     for (int share = 0; share < n_; ++share) {
       if (share == me_ || partition_.num_parts(share) == 0) continue;
+      check(share);
       auto channel = std::make_shared<Channel>();
       channel->member = share;
+      channel->withhold = not_finite.has_value();
       {
         std::lock_guard<std::mutex> lock(mutex_);
         sender_channels_[share] = channel;
@@ -1486,18 +1516,23 @@ Result<SharedMean> Round::Run(std::vector<float>& data) {
       }
       OpenSenderStream(share, channel);
     }
+    check(me_);
   }
 
   std::unique_lock<std::mutex> lock(mutex_);
   if (auto own = reductions_.find({me_, 0}); own != reductions_.end()) {
-    if (contributes_) {
-      Reduction& reduction = *own->second;
+    Reduction& reduction = *own->second;
+    if (not_finite) {
+      // This member's own share is still reduced, from the others' parts.
+      ExcludeLocked(reduction, me_, not_finite->message(), false);
+    } else if (contributes_) {
       for (size_t k = 0; k < reduction.state.size(); ++k) {
         DeliverLocked(reduction, me_, k, LocalEntryLocked(reduction.first_part + k));
       }
     }
-    Pump(lock, *own->second);
+    Pump(lock, reduction);
   }
+  if (not_finite && !fatal_) fatal_ = *not_finite;
   Millis tick =
       std::max(Millis(10), std::min(options_.sender_timeout, options_.reducer_timeout) / 4);
   if (options_.liveness_probe.count() > 0)

@@ -114,7 +114,8 @@ class AllReduceService {
   // auxiliary members (they contribute nothing and their `data` is left unchanged; its size still
   // must match). On error `data` is unchanged. A contributor's storage is taken over for the
   // round (no copy) and usually given back holding the results, but may be replaced by another
-  // buffer of the same size: pointers into `data` must be re-read afterwards.
+  // buffer of the same size: pointers into `data` must be re-read afterwards. A vector with
+  // inf/NaN fails with INVALID_ARGUMENT naming the range, and the group goes on without it.
   Result<AllReduceReport> AllReduce(const Group& group, std::vector<float>& data, float weight,
                                     const AllReduceOptions& options = {});
 

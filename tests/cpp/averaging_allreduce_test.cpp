@@ -510,6 +510,50 @@ TEST(AllReduce, RefusesBadLocalArguments) {
             StatusCode::kInvalidArgument);
 }
 
+// A member whose vector is not finite fails at once, naming the range, with its vector intact;
+// the others finish without waiting for it (before, they waited sender_timeout for a member that
+// had refused its round locally and stayed silent). Once with the NaN in another member's share,
+// once in its own (which it still reduces, from the others' parts).
+TEST(AllReduce, ANonFiniteLocalVectorFailsThatMemberAndTheOthersGoOnAtOnce) {
+  for (int nan_share : {0, 2}) {
+    SCOPED_TRACE("NaN in the share of member " + std::to_string(nan_share));
+    std::vector<MemberMode> modes(3, MemberMode::kNormal);
+    auto peers = StartPeers(modes);
+    ASSERT_EQ(peers.size(), 3u);
+    std::mt19937 rng(11);
+    auto inputs = RandomInputs(3, 300, rng);
+    Group group = MakeGroup(peers, modes, "nan-" + std::to_string(nan_share));
+    AllReduceOptions options;
+    options.part_elements = 25;
+    options.sender_timeout = Milliseconds(20000);
+    options.reducer_timeout = Milliseconds(40000);
+    Group mine = group;
+    mine.my_index = 0;  // MakeGroup leaves the index to each member
+    auto partition = Partition::Make(mine, 300, options.part_elements);
+    ASSERT_TRUE(partition.ok());
+    const Part& bad_part = partition->parts()[partition->first_part(nan_share) + 1];
+    inputs[2][bad_part.begin + 3] = NAN;
+    std::vector<float> weights = {1.0f, 1.0f, 1.0f};
+    auto outcome = RunRound(peers, group, inputs, weights, {3, options});
+    ExpectConsistentMeans(group, outcome, inputs, weights, {0, 1});
+    ASSERT_TRUE(outcome.results[2].has_value());
+    ASSERT_FALSE(outcome.results[2]->ok());
+    EXPECT_EQ(outcome.results[2]->status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(outcome.results[2]->status().message().find("non-finite"), std::string::npos);
+    // The vector is given back as it was, NaN included.
+    ASSERT_EQ(outcome.data[2].size(), inputs[2].size());
+    EXPECT_EQ(std::memcmp(outcome.data[2].data(), inputs[2].data(), 300 * sizeof(float)), 0);
+    for (int i : {0, 1}) {
+      EXPECT_LT(outcome.seconds[i], 10.0) << "member " << i << " waited for the failed member";
+      for (const PartReport& part : outcome.results[i]->value().parts) {
+        if (part.begin != bad_part.begin) continue;
+        const auto& from = part.contributors;
+        EXPECT_EQ(std::find(from.begin(), from.end(), 2), from.end());
+      }
+    }
+  }
+}
+
 // input_checked skips the local check: a member that claims it falsely sends a NaN, and the
 // reducer of that range excludes it there as it would any sender; the others are unaffected.
 TEST(AllReduce, AFalseInputCheckedClaimCostsOnlyThatMembersContribution) {
@@ -532,7 +576,9 @@ TEST(AllReduce, AFalseInputCheckedClaimCostsOnlyThatMembersContribution) {
   for (const PartReport& part : outcome.results[0]->value().parts) {
     const auto& from = part.contributors;
     const bool has_two = std::find(from.begin(), from.end(), 2) != from.end();
-    if (part.begin == 0) EXPECT_FALSE(has_two) << "the NaN's part must leave member 2 out";
+    if (part.begin == 0) {
+      EXPECT_FALSE(has_two) << "the NaN's part must leave member 2 out";
+    }
     parts_with_two += has_two;
   }
   // Not refused locally: member 2 took part, and its finite parts count where they arrived first.
