@@ -1458,8 +1458,8 @@ Result<SharedMean> Round::Run(std::vector<float>& data) {
   if (!service) return Status(StatusCode::kCancelled, "the averaging service stopped");
   {
     service->Sweep();  // the buffers of released rounds go back to the pool first
-    if (contributes_) input_ = service->pool->Adopt(std::move(data));
     if (contributes_) {
+      input_ = service->pool->Adopt(std::move(data));
       results_ = service->pool->Take(partition_.total_elements());
       share_results_ = results_;  // the own share is reduced in place: no copy at the end
     } else if (partition_.num_parts(me_) > 0) {
