@@ -670,8 +670,12 @@ SearchRun::Attempt SearchRun::TryJoin(const Candidate& candidate) {
                    " ms");
     back_to_searching();
     std::lock_guard<std::mutex> lock(shared_->mutex);
-    // We may lead now: give late followers a fresh window.
-    search_->seal_deadline = std::min(deadline_, SteadyClock::now() + options().window);
+    // We may lead now: give late followers a fresh window, longer by one request_timeout, since
+    // the other followers of that leader learn of its end up to one check (request_timeout)
+    // later. With the bare window, followers that noticed early could seal a group before the
+    // others were free (a 13 + 2 split of 15 followers, once under the sanitizers).
+    search_->seal_deadline =
+        std::min(deadline_, SteadyClock::now() + options().window + options().request_timeout);
     return {};
   }
   if (message->code() == wire::GROUP_BEGIN) {

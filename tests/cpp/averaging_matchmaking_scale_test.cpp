@@ -480,17 +480,20 @@ TEST_F(MatchmakingScaleTest, PeersThatStartLateFillTheGroupsStillOpen) {
 TEST_F(MatchmakingScaleTest, SixteenLeadersKilledMidSearchLeaveTheirFollowersGroups) {
   StartSwarm(256);
   // 16 keys of 16 peers. No target: a leader holds its group open for its whole window, so it can
-  // be killed while its 15 followers wait on it.
-  auto options_for = [](size_t key) {
+  // be killed while its 15 followers wait on it. The leaders' window outlasts the joins however
+  // loaded the machine is (they are killed long before it ends); the followers', which their
+  // regroup uses, is short.
+  auto options_for = [](size_t key, bool leader = false) {
     auto options = Options("scale.leaderdies." + std::to_string(key), 0);
-    options.window = milliseconds(600) * test::kSlowdown;
+    options.window = milliseconds(leader ? 20000 : 600) * test::kSlowdown;
+    options.timeout = std::max(options.timeout, options.window * 2);
     return options;
   };
   Searches searches;
   std::vector<size_t> leaders;
   for (size_t key = 0; key < 16; ++key) {
     leaders.push_back(16 * key);
-    searches.Start(*matchmakers_[16 * key], 16 * key, options_for(key));
+    searches.Start(*matchmakers_[16 * key], 16 * key, options_for(key, /*leader=*/true));
   }
   // The leaders declare first (so they lead); then the followers join them.
   ASSERT_TRUE(world_->WaitUntil(
