@@ -74,6 +74,9 @@ bool IsRefusal(const Status& status) {
 // come from a slow or misbehaving peer that is still alive and may hold results others need.
 bool ConfirmsDeath(const Status& status) { return status.code() == StatusCode::kUnavailable; }
 
+// How long a DONE notice may take; a notice that fails only delays the release to grace_period.
+constexpr Millis kDoneNoticeTimeout{5000};
+
 std::string Ms(Millis duration) { return std::to_string(duration.count()) + " ms"; }
 
 // One end of a stream that this peer reads from and writes to. The owning thread (a handler, the
@@ -174,8 +177,11 @@ class AllReduceService::Impl : public std::enable_shared_from_this<AllReduceServ
 
   Status Serve(const net::CallContext& context, Stream& stream, wire::Kind expected);
   Status Register(const std::shared_ptr<Round>& round);
-  // A registered round has finished and holds `bytes` for its grace period.
-  void Finished(const std::string& id, size_t bytes);
+  // A registered round has finished and holds `bytes` for its grace period, or less: it is
+  // released as soon as every other member said it is done with the round too (MemberDone).
+  void Finished(const std::shared_ptr<Round>& round, size_t bytes);
+  // Handles another member's DONE notice for one of our rounds.
+  Status MemberDone(const wire::AveragingHeader& notice, const net::PeerId& peer);
   // Releases the rounds past their grace period or beyond grace_bytes (and their buffers).
   void Sweep() {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -193,6 +199,8 @@ class AllReduceService::Impl : public std::enable_shared_from_this<AllReduceServ
 
  private:
   void SweepLocked();
+  // Drops a round now (it may not be in finished_ yet); its id stays refused for grace_period.
+  void ReleaseLocked(const std::string& id);
 
   std::mutex mutex_;
   std::condition_variable registered_;
@@ -230,7 +238,7 @@ class Round : public std::enable_shared_from_this<Round> {
       : service_(service.weak_from_this()),
         node_(service.node),
         methods_{service.Method("allreduce"), service.Method("collect"), service.Method("takeover"),
-                 service.Method("ping")},
+                 service.Method("ping"), service.Method("done")},
         group_(group),
         partition_(std::move(partition)),
         codec_(std::move(codec)),
@@ -268,9 +276,16 @@ class Round : public std::enable_shared_from_this<Round> {
   Status ServeCollect(const net::CallContext& context, Stream& stream,
                       const wire::AveragingHeader& collect);
   Status ServeTakeover(Stream& stream, const wire::AveragingHeader& request);
+  // Record that this member (once Run returned) or another one (its DONE notice, sent by `peer`)
+  // will ask nothing more of this round. True once every member has.
+  bool MarkSelfDone();
+  Result<bool> MarkPeerDone(int member, const net::PeerId& peer, const std::string& digest);
 
  private:
-  enum Method { kAllReduce, kCollect, kTakeover, kPing };
+  // After Run: hands the round to the service for its grace period, then tells every other
+  // member that is not known dead that this one is done (see MarkPeerDone).
+  void Ended(size_t bytes);
+  enum Method { kAllReduce, kCollect, kTakeover, kPing, kDone };
 
   // ---- helpers (the *Locked ones need mutex_) ----
   std::vector<int> Chain(int share) const {
@@ -370,7 +385,7 @@ class Round : public std::enable_shared_from_this<Round> {
 
   std::weak_ptr<AllReduceService::Impl> service_;
   net::Node& node_;
-  const std::string methods_[4];
+  const std::string methods_[5];
   std::vector<int> probes_due_;  // senders to ping once the lock is released
   const Group group_;
   const Partition partition_;
@@ -409,6 +424,7 @@ class Round : public std::enable_shared_from_this<Round> {
   std::map<std::pair<int, size_t>, std::shared_ptr<Reduction>> reductions_;
   std::vector<std::shared_ptr<Channel>> channels_;           // kept alive with the round
   std::map<int, std::shared_ptr<Channel>> sender_channels_;  // by share, read by Run()
+  std::set<int> done_;  // members that will ask nothing more of this round
   bool stopping_ = false;
   int takeovers_ = 0;
 
@@ -1643,7 +1659,7 @@ Result<SharedMean> Round::Run(std::vector<float>& data) {
     auto channels = sender_channels_;
     lock.unlock();
     if (input) data = *input;
-    if (auto service = service_.lock()) service->Finished(id(), 2 * vector_bytes);
+    Ended(2 * vector_bytes);
     // Our reducers exclude us at once instead of waiting for a sender timeout.
     for (auto& [share, channel] : channels) channel->stream->Cancel();
     return status;
@@ -1667,8 +1683,52 @@ Result<SharedMean> Round::Run(std::vector<float>& data) {
     outcome.mean = results_;
   }
   lock.unlock();  // the service locks itself, then rounds: never the other way round
-  if (auto service = service_.lock()) service->Finished(id(), vector_bytes);
+  Ended(vector_bytes);
   return outcome;
+}
+
+void Round::Ended(size_t bytes) {
+  auto service = service_.lock();
+  if (!service) return;
+  service->Finished(shared_from_this(), bytes);
+  wire::AveragingHeader notice;
+  notice.set_kind(wire::DONE);
+  notice.set_group_id(group_.id);
+  notice.set_group_digest(digest_);
+  notice.set_sender(static_cast<uint32_t>(me_));
+  std::set<int> dead;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    dead = dead_;
+  }
+  // Fire and forget: a lost notice only means the others keep the round for grace_period.
+  for (int m = 0; m < n_; ++m) {
+    if (m == me_ || dead.count(m) != 0) continue;
+    node_.Call(group_.members[m].address, methods_[kDone], Encode(notice),
+               net::CallOptions{kDoneNoticeTimeout});
+  }
+}
+
+bool Round::MarkSelfDone() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  done_.insert(me_);
+  return static_cast<int>(done_.size()) == n_;
+}
+
+Result<bool> Round::MarkPeerDone(int member, const net::PeerId& peer, const std::string& digest) {
+  if (digest != digest_) return Refused("group description differs");
+  if (member < 0 || member >= n_) {
+    return Malformed("sender index " + std::to_string(member) + " out of range");
+  }
+  // Only Run's end may mark this member done: the round must not be released while it runs.
+  if (member == me_) return Malformed("a DONE notice from myself");
+  if (peer != group_.members[member].address.peer_id) {
+    return Status(StatusCode::kPermissionDenied,
+                  "peer " + peer.ShortString() + " claims to be " + Name(member));
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  done_.insert(member);
+  return static_cast<int>(done_.size()) == n_;
 }
 
 void Round::GiveBackInputLocked(std::vector<float>& data) {
@@ -1722,11 +1782,36 @@ void AllReduceService::Impl::SweepLocked() {
   }
 }
 
-void AllReduceService::Impl::Finished(const std::string& id, size_t bytes) {
+void AllReduceService::Impl::Finished(const std::shared_ptr<Round>& round, size_t bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
+  const std::string& id = round->id();
   if (stopping_ || rounds_.count(id) == 0) return;
   finished_.push_back(FinishedRound{Clock::now(), id, bytes});
   finished_bytes_ += bytes;
+  if (round->MarkSelfDone()) ReleaseLocked(id);
+}
+
+Status AllReduceService::Impl::MemberDone(const wire::AveragingHeader& notice,
+                                          const net::PeerId& peer) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = rounds_.find(notice.group_id());
+  if (it == rounds_.end()) return Status::Ok();  // released already, or never ran here
+  auto all_done =
+      it->second->MarkPeerDone(static_cast<int>(notice.sender()), peer, notice.group_digest());
+  if (!all_done.ok()) return all_done.status();
+  if (*all_done) ReleaseLocked(notice.group_id());
+  return Status::Ok();
+}
+
+void AllReduceService::Impl::ReleaseLocked(const std::string& id) {
+  rounds_.erase(id);
+  auto it = std::find_if(finished_.begin(), finished_.end(),
+                         [&](const FinishedRound& round) { return round.id == id; });
+  if (it != finished_.end()) {
+    finished_bytes_ -= it->bytes;
+    finished_.erase(it);
+  }
+  if (released_.insert(id).second) released_order_.emplace_back(Clock::now(), id);
 }
 
 Status AllReduceService::Impl::Register(const std::shared_ptr<Round>& round) {
@@ -1842,6 +1927,24 @@ AllReduceService::AllReduceService(net::Node& node, AllReduceServiceOptions opti
   node.RegisterStream(impl_->Method("allreduce"), serve(wire::OPEN));
   node.RegisterStream(impl_->Method("collect"), serve(wire::COLLECT));
   node.RegisterStream(impl_->Method("takeover"), serve(wire::TAKEOVER));
+  node.RegisterUnary(impl_->Method("done"), [weak](const net::CallContext& context,
+                                                   net::Message request, net::Responder respond) {
+    auto impl = weak.lock();
+    wire::AveragingHeader notice;
+    Status status = Status::Ok();
+    if (!impl) {
+      status = Status(StatusCode::kUnavailable, "the averaging service stopped");
+    } else if (!notice.ParseFromString(request.header) || notice.kind() != wire::DONE) {
+      status = Malformed("expected a DONE notice");
+    } else {
+      status = impl->MemberDone(notice, context.peer);
+    }
+    if (status.ok()) {
+      respond(net::Message());
+    } else {
+      respond(status);
+    }
+  });
   // Answered by any live peer: reducers probe senders that are late to open their streams.
   node.RegisterUnary(impl_->Method("ping"),
                      [](const net::CallContext&, net::Message, net::Responder respond) {

@@ -265,6 +265,92 @@ TEST(AllReduce, SharedMeanEqualsTheCopiedOneAndGivesTheInputBack) {
   EXPECT_EQ(copied.data[0], *mean);
 }
 
+net::Message WireMessage(const wire::AveragingHeader& header, std::vector<float> values = {},
+                         bool with_payload = false);
+
+// Runs one round through AllReduceShared on `members` (each on its own thread).
+std::vector<std::optional<Result<SharedMean>>> RunSharedRound(std::vector<Peer>& peers,
+                                                              const Group& group,
+                                                              const std::vector<int>& members,
+                                                              const AllReduceOptions& options) {
+  std::vector<std::optional<Result<SharedMean>>> results(peers.size());
+  std::vector<std::vector<float>> data(peers.size(), std::vector<float>(5000, 1.0f));
+  std::vector<std::thread> threads;
+  for (int i : members) {
+    threads.emplace_back([&, i] {
+      Group mine = group;
+      mine.my_index = i;
+      results[i] = peers[i].service->AllReduceShared(mine, data[i], 1.0f + i, options);
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  return results;
+}
+
+// Whether, before `limit`, the round of every member in `members` dropped its reference to the
+// mean (released: the buffer goes back to the pool instead of being kept for grace_period).
+bool MeansReleasedWithin(const std::vector<std::optional<Result<SharedMean>>>& results,
+                         const std::vector<int>& members, Milliseconds limit) {
+  const auto deadline = Clock::now() + limit;
+  while (true) {
+    bool released = true;
+    for (int i : members) released = released && results[i]->value().mean.use_count() == 1;
+    if (released) return true;
+    if (Clock::now() >= deadline) return false;
+    std::this_thread::yield();
+  }
+}
+
+// Once every member has said it is done (DONE notices), a round is released at once rather than
+// kept for its grace period (20 s here), and its id stays refused. A member that never says so
+// (dead before the round) keeps the others' rounds for the grace period, and a notice claiming to
+// come from it through another peer is refused.
+TEST(AllReduce, ARoundIsReleasedOnceEveryMemberIsDone) {
+  std::vector<MemberMode> modes(3, MemberMode::kNormal);
+  auto peers = StartPeers(modes);
+  ASSERT_EQ(peers.size(), 3u);
+  Group group = MakeGroup(peers, modes, "all-done");
+  auto results = RunSharedRound(peers, group, {0, 1, 2}, FastOptions(64));
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(results[i]->ok()) << results[i]->status().ToString();
+  EXPECT_TRUE(MeansReleasedWithin(results, {0, 1, 2}, Milliseconds(10000)));
+  Group again = group;
+  again.my_index = 0;
+  std::vector<float> data(5000, 1.0f);
+  EXPECT_EQ(peers[0].service->AllReduce(again, data, 1.0f, FastOptions(64)).status().code(),
+            StatusCode::kFailedPrecondition);
+
+  Group partial = MakeGroup(peers, modes, "one-never-done");
+  peers[2].node->Shutdown();
+  results = RunSharedRound(peers, partial, {0, 1}, FastOptions(64));
+  for (int i = 0; i < 2; ++i) ASSERT_TRUE(results[i]->ok()) << results[i]->status().ToString();
+  auto outsider = test::StartNode(Options(false));
+  ASSERT_NE(outsider, nullptr);
+  Group member_view = partial;
+  member_view.my_index = 0;
+  auto partition = Partition::Make(member_view, 5000, 64);
+  ASSERT_TRUE(partition.ok()) << partition.status().ToString();
+  wire::AveragingHeader notice;
+  notice.set_kind(wire::DONE);
+  notice.set_group_id(partial.id);
+  notice.set_group_digest(partial.Digest() + partition->Digest());
+  notice.set_sender(2);
+  auto answer = outsider
+                    ->Call(partial.members[0].address, "averaging.v1.done", WireMessage(notice),
+                           net::CallOptions{Milliseconds(5000)})
+                    .Wait();
+  EXPECT_EQ(answer.status().code(), StatusCode::kPermissionDenied) << answer.status().ToString();
+  // Nor may anyone say the receiver itself is done: only its own round's end does.
+  notice.set_sender(0);
+  answer = outsider
+               ->Call(partial.members[0].address, "averaging.v1.done", WireMessage(notice),
+                      net::CallOptions{Milliseconds(5000)})
+               .Wait();
+  EXPECT_EQ(answer.status().code(), StatusCode::kInvalidArgument) << answer.status().ToString();
+  // Members 0 and 1 said they are done, member 2 never did: both rounds still hold their means.
+  EXPECT_GT(results[0]->value().mean.use_count(), 1);
+  EXPECT_GT(results[1]->value().mean.use_count(), 1);
+}
+
 TEST(AllReduce, EncryptedLinksWithDefaultPartSize) {
   std::vector<MemberMode> modes(3, MemberMode::kNormal);
   auto peers = StartPeers(modes, /*encryption=*/true);
@@ -625,8 +711,8 @@ const char* Name(Misbehaviour m) {
   return "?";
 }
 
-net::Message WireMessage(const wire::AveragingHeader& header, std::vector<float> values = {},
-                         bool with_payload = false) {
+net::Message WireMessage(const wire::AveragingHeader& header, std::vector<float> values,
+                         bool with_payload) {
   net::Message message(header.SerializeAsString());
   if (with_payload || !values.empty()) {
     message.payloads.push_back(net::Payload::Copy(values.data(), values.size() * sizeof(float)));
