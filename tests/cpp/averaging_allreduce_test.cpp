@@ -297,7 +297,8 @@ bool MeansReleasedWithin(const std::vector<std::optional<Result<SharedMean>>>& r
     for (int i : members) released = released && results[i]->value().mean.use_count() == 1;
     if (released) return true;
     if (Clock::now() >= deadline) return false;
-    std::this_thread::yield();
+    // Polls the condition, leaving the cores to the peers whose notices it waits for.
+    std::this_thread::sleep_for(Milliseconds(1));
   }
 }
 
