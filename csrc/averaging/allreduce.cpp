@@ -188,6 +188,10 @@ class AllReduceService::Impl : public std::enable_shared_from_this<AllReduceServ
     SweepLocked();
   }
   std::shared_ptr<Round> WaitForRound(const std::string& id, Clock::time_point deadline);
+  size_t KeptRounds() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return rounds_.size();
+  }
   void Spawn(std::function<void()> task);
   void Stop();
 
@@ -214,6 +218,10 @@ class AllReduceService::Impl : public std::enable_shared_from_this<AllReduceServ
   };
   std::deque<FinishedRound> finished_;
   size_t finished_bytes_ = 0;
+  // Rounds released by DONE notices, dropped at the next sweep: a notice's handler runs on the
+  // node's worker pool, which must not run a round's destructor (it ends streams and frees
+  // buffers; rounds end on the threads that run them, or at Stop).
+  std::vector<std::shared_ptr<Round>> retired_;
   // Rounds released before their grace period ended: refused at once, not waited for.
   std::set<std::string> released_;
   std::deque<std::pair<Clock::time_point, std::string>> released_order_;
@@ -1762,6 +1770,7 @@ void Round::GatherResults(std::unique_lock<std::mutex>& lock) {
 // Service
 
 void AllReduceService::Impl::SweepLocked() {
+  retired_.clear();
   const auto now = Clock::now();
   while (!finished_.empty()) {
     const FinishedRound& oldest = finished_.front();
@@ -1804,7 +1813,10 @@ Status AllReduceService::Impl::MemberDone(const wire::AveragingHeader& notice,
 }
 
 void AllReduceService::Impl::ReleaseLocked(const std::string& id) {
-  rounds_.erase(id);
+  if (auto it = rounds_.find(id); it != rounds_.end()) {
+    retired_.push_back(std::move(it->second));
+    rounds_.erase(it);
+  }
   auto it = std::find_if(finished_.begin(), finished_.end(),
                          [&](const FinishedRound& round) { return round.id == id; });
   if (it != finished_.end()) {
@@ -1865,6 +1877,8 @@ void AllReduceService::Impl::Stop() {
     stopping_ = true;
     for (auto& [id, round] : rounds_) rounds.push_back(round);
     rounds_.clear();
+    rounds.insert(rounds.end(), retired_.begin(), retired_.end());
+    retired_.clear();
     registered_.notify_all();
   }
   for (auto& round : rounds) round->Stop();
@@ -1953,6 +1967,8 @@ AllReduceService::AllReduceService(net::Node& node, AllReduceServiceOptions opti
 }
 
 AllReduceService::~AllReduceService() { impl_->Stop(); }
+
+size_t AllReduceService::kept_rounds() const { return impl_->KeptRounds(); }
 
 Result<AllReduceReport> AllReduceService::AllReduce(const Group& group, std::vector<float>& data,
                                                     float weight, const AllReduceOptions& options) {

@@ -126,6 +126,9 @@ class AllReduceService {
   Result<SharedMean> AllReduceShared(const Group& group, std::vector<float>& data, float weight,
                                      const AllReduceOptions& options = {});
 
+  // Rounds this service keeps: running, or finished and not released yet (tests, diagnostics).
+  size_t kept_rounds() const;
+
   class Impl;
 
  private:

@@ -287,14 +287,13 @@ std::vector<std::optional<Result<SharedMean>>> RunSharedRound(std::vector<Peer>&
   return results;
 }
 
-// Whether, before `limit`, the round of every member in `members` dropped its reference to the
-// mean (released: the buffer goes back to the pool instead of being kept for grace_period).
-bool MeansReleasedWithin(const std::vector<std::optional<Result<SharedMean>>>& results,
-                         const std::vector<int>& members, Milliseconds limit) {
+// Whether, before `limit`, every peer's service released all its rounds.
+bool RoundsReleasedWithin(const std::vector<Peer>& peers, const std::vector<int>& members,
+                          Milliseconds limit) {
   const auto deadline = Clock::now() + limit;
   while (true) {
     bool released = true;
-    for (int i : members) released = released && results[i]->value().mean.use_count() == 1;
+    for (int i : members) released = released && peers[i].service->kept_rounds() == 0;
     if (released) return true;
     if (Clock::now() >= deadline) return false;
     // Polls the condition, leaving the cores to the peers whose notices it waits for.
@@ -313,12 +312,19 @@ TEST(AllReduce, ARoundIsReleasedOnceEveryMemberIsDone) {
   Group group = MakeGroup(peers, modes, "all-done");
   auto results = RunSharedRound(peers, group, {0, 1, 2}, FastOptions(64));
   for (int i = 0; i < 3; ++i) ASSERT_TRUE(results[i]->ok()) << results[i]->status().ToString();
-  EXPECT_TRUE(MeansReleasedWithin(results, {0, 1, 2}, Milliseconds(10000)));
+  EXPECT_TRUE(RoundsReleasedWithin(peers, {0, 1, 2}, Milliseconds(10000)));
   Group again = group;
   again.my_index = 0;
   std::vector<float> data(5000, 1.0f);
   EXPECT_EQ(peers[0].service->AllReduce(again, data, 1.0f, FastOptions(64)).status().code(),
             StatusCode::kFailedPrecondition);
+  // The next round drops the released ones (their buffers go back to the pool).
+  auto next = RunSharedRound(peers, MakeGroup(peers, modes, "next"), {0, 1, 2}, FastOptions(64));
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(next[i]->ok()) << next[i]->status().ToString();
+    EXPECT_EQ(results[i]->value().mean.use_count(), 1) << "member " << i;
+  }
+  EXPECT_TRUE(RoundsReleasedWithin(peers, {0, 1, 2}, Milliseconds(10000)));
 
   Group partial = MakeGroup(peers, modes, "one-never-done");
   peers[2].node->Shutdown();
@@ -347,9 +353,9 @@ TEST(AllReduce, ARoundIsReleasedOnceEveryMemberIsDone) {
                       net::CallOptions{Milliseconds(5000)})
                .Wait();
   EXPECT_EQ(answer.status().code(), StatusCode::kInvalidArgument) << answer.status().ToString();
-  // Members 0 and 1 said they are done, member 2 never did: both rounds still hold their means.
-  EXPECT_GT(results[0]->value().mean.use_count(), 1);
-  EXPECT_GT(results[1]->value().mean.use_count(), 1);
+  // Members 0 and 1 said they are done, member 2 never did: both keep the round.
+  EXPECT_EQ(peers[0].service->kept_rounds(), 1u);
+  EXPECT_EQ(peers[1].service->kept_rounds(), 1u);
 }
 
 TEST(AllReduce, EncryptedLinksWithDefaultPartSize) {
