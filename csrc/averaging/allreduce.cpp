@@ -164,6 +164,7 @@ struct Computed {
   bool raw = false;           // wire is `values` itself, not the round's encoding
   std::vector<int> contributors;
   int reduced_by = -1;
+  std::vector<int> non_finite;  // contributors whose values were not finite: nothing was computed
 };
 
 }  // namespace
@@ -579,7 +580,14 @@ Computed Round::Compute(const Reduction& reduction, size_t k,
   }
   // In member order: the value does not depend on arrival order.
   float* result = reinterpret_cast<float*>(out.values.mutable_data());
-  WeightedMean(inputs.data(), weights.data(), inputs.size(), part.size, result);
+  if (!WeightedMean(inputs.data(), weights.data(), inputs.size(), part.size, result)) {
+    // Received parts are not checked on arrival (the mean's check stands for theirs): find who
+    // sent the non-finite values. Pump excludes them and reduces the part again.
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      if (!AllFinite(inputs[i], part.size)) out.non_finite.push_back(out.contributors[i]);
+    }
+    if (!out.non_finite.empty()) return out;
+  }
   out.reduced_by = me_;
   if (codec_.lossless()) {
     out.wire = {out.values};
@@ -641,8 +649,22 @@ void Round::Pump(std::unique_lock<std::mutex>& lock, Reduction& reduction) {
     std::vector<Computed> results;
     for (const auto& [k, entries] : work) results.push_back(Compute(reduction, k, entries));
     lock.lock();
+    // A member that sent non-finite values is excluded before anything of this batch is
+    // published, and every part of the batch it contributed to is reduced again without it: so
+    // no part from its first bad one on counts it, whatever order the batch was reduced in.
+    std::map<int, size_t> non_finite;  // member -> first part found
+    for (const Computed& result : results) {
+      for (int m : result.non_finite) non_finite.emplace(m, reduction.first_part + result.k);
+    }
     std::vector<size_t> published;
     for (Computed& result : results) {
+      const bool again = std::any_of(result.contributors.begin(), result.contributors.end(),
+                                     [&](int m) { return non_finite.count(m) != 0; });
+      if (again) {
+        reduction.state[result.k] = PartState::kWaiting;
+        for (const auto& [m, first] : non_finite) reduction.entries[result.k][m] = Entry();
+        continue;
+      }
       ++reduction.terminal;
       size_t part = reduction.first_part + result.k;
       // Free the inputs: nothing reads them after the reduction.
@@ -671,6 +693,16 @@ void Round::Pump(std::unique_lock<std::mutex>& lock, Reduction& reduction) {
         if (!reduction.sources[member].excluded) sink->outbox.push_back(message);
       }
       published.push_back(part);
+    }
+    for (const auto& [m, part] : non_finite) {
+      const std::string why = "part " + std::to_string(part) + " has non-finite values";
+      if (m == me_ && !fatal_) {
+        // Only when the caller vouched for its vector (input_checked): unchecked ones are
+        // checked before the round sends anything.
+        fatal_ = Status(StatusCode::kInvalidArgument,
+                        "the local vector has non-finite values (" + why + ")");
+      }
+      ExcludeLocked(reduction, m, why, false);
     }
     cv_.notify_all();
     if (options_.observer && !published.empty()) {
@@ -1171,7 +1203,9 @@ Status Round::ServeSender(const net::CallContext& context, Stream& stream,
                              " is not in this reducer's share");
         } else {
           const Part& part = partition_.parts()[header.part()];
-          auto decoded = codec_.Decode(message.payloads, part.begin, part.size);
+          // Unchecked: Compute checks the weighted mean instead, and excludes this sender if
+          // its part was not finite.
+          auto decoded = codec_.Decode(message.payloads, part.begin, part.size, false);
           if (decoded.ok()) {
             values = std::move(decoded).value();
           } else {

@@ -127,11 +127,11 @@ Status PartCodec::DecodeInto(const std::vector<net::Payload>& payloads, size_t b
 }
 
 Result<net::Payload> PartCodec::Decode(const std::vector<net::Payload>& payloads, size_t begin,
-                                       size_t count) const {
+                                       size_t count, bool check_raw_finite) const {
   std::vector<Piece> pieces = Pieces(begin, count);
   if (pieces.size() == 1 && pieces[0].spec.id == CodecId::kNone && payloads.size() == 1 &&
       payloads[0].size() == count * sizeof(float)) {
-    if (!AllFinite(payloads[0].data(), count)) {
+    if (check_raw_finite && !AllFinite(payloads[0].data(), count)) {
       return Bad("elements " + Span(begin, count) + " have non-finite values");
     }
     return payloads[0];

@@ -41,9 +41,11 @@ class PartCodec {
   // that every value is finite) and writes the values to `out`. kInvalidArgument on any problem.
   Status DecodeInto(const std::vector<net::Payload>& payloads, size_t begin, size_t count,
                     float* out) const;
-  // Same, into a new payload; a span that travels as one raw piece is passed through uncopied.
-  Result<net::Payload> Decode(const std::vector<net::Payload>& payloads, size_t begin,
-                              size_t count) const;
+  // Same, into a new payload; a span that travels as one raw piece is passed through uncopied,
+  // and its values are checked only when `check_raw_finite` (a reducer leaves that to the check of
+  // its weighted mean, which fails when any input is not finite: one pass over the part fewer).
+  Result<net::Payload> Decode(const std::vector<net::Payload>& payloads, size_t begin, size_t count,
+                              bool check_raw_finite = true) const;
 
  private:
   struct Piece {

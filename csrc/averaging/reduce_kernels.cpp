@@ -38,26 +38,36 @@ bool AllFinite(const void* data, size_t count) {
   return true;
 }
 
-void WeightedMean(const float* const* inputs, const double* weights, size_t num_inputs,
+bool WeightedMean(const float* const* inputs, const double* weights, size_t num_inputs,
                   size_t count, float* out) {
   double total = 0;
   for (size_t k = 0; k < num_inputs; ++k) total += weights[k];
   if (num_inputs == 0 || total <= 0) {
     std::fill(out, out + count, 0.0f);
-    return;
+    return true;
   }
   // Weights normalized once, so no division per element; the last input is added on the way
   // out, so two inputs (the commonest case) make one pass. Measured 1.5x on 32 MiB, n = 2.
+  // The results are checked as they are stored, while they are in registers: that check stands
+  // for one of every input (see the header), a pass over each received part fewer.
   const size_t last = num_inputs - 1;
   double sum[kBlock];
+  uint32_t bad = 0;
   for (size_t begin = 0; begin < count; begin += kBlock) {
     const size_t n = std::min(kBlock, count - begin);
     double* __restrict acc = sum;
-    float* __restrict result = out + begin;
+    auto* __restrict result = reinterpret_cast<uint8_t*>(out + begin);
     const float* __restrict x = inputs[last] + begin;
     const double w = weights[last] / total;
+    auto store = [&](size_t i, double value) {
+      const float rounded = static_cast<float>(value);
+      uint32_t bits;
+      std::memcpy(&bits, &rounded, sizeof(bits));
+      std::memcpy(result + i * sizeof(float), &bits, sizeof(bits));
+      bad += static_cast<uint32_t>((bits & kExponent) == kExponent);
+    };
     if (last == 0) {
-      for (size_t i = 0; i < n; ++i) result[i] = static_cast<float>(w * static_cast<double>(x[i]));
+      for (size_t i = 0; i < n; ++i) store(i, w * static_cast<double>(x[i]));
       continue;
     }
     const float* __restrict first = inputs[0] + begin;
@@ -68,10 +78,9 @@ void WeightedMean(const float* const* inputs, const double* weights, size_t num_
       const double wk = weights[k] / total;
       for (size_t i = 0; i < n; ++i) acc[i] += wk * static_cast<double>(y[i]);
     }
-    for (size_t i = 0; i < n; ++i) {
-      result[i] = static_cast<float>(acc[i] + w * static_cast<double>(x[i]));
-    }
+    for (size_t i = 0; i < n; ++i) store(i, acc[i] + w * static_cast<double>(x[i]));
   }
+  return bad == 0;
 }
 
 bool CopyFinite(const float* in, size_t count, float* out) {

@@ -13,8 +13,10 @@ bool AllFinite(const void* data, size_t count);
 
 // out[i] = sum_k (weights[k] / W) * inputs[k][i] with W = sum_k weights[k], accumulated in double
 // in the order of `inputs` (so the result depends only on the inputs and their order); zeros when
-// the weights sum to zero.
-void WeightedMean(const float* const* inputs, const double* weights, size_t num_inputs,
+// the weights sum to zero. Returns whether every result is finite. With positive weights that
+// is exactly whether every input is: a non-finite input makes its results inf or NaN, and a mean
+// of finite floats lies between them, so it cannot overflow.
+bool WeightedMean(const float* const* inputs, const double* weights, size_t num_inputs,
                   size_t count, float* out);
 
 // Copies `count` floats from `in` to `out`; false (after copying) when any of them is not finite.

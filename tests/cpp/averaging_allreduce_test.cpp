@@ -650,37 +650,48 @@ TEST(AllReduce, ANonFiniteLocalVectorFailsThatMemberAndTheOthersGoOnAtOnce) {
 // input_checked skips the local check: a member that claims it falsely sends a NaN, and the
 // reducer of that range excludes it there as it would any sender; the others are unaffected.
 TEST(AllReduce, AFalseInputCheckedClaimCostsOnlyThatMembersContribution) {
-  std::vector<MemberMode> modes(3, MemberMode::kNormal);
-  auto peers = StartPeers(modes);
-  ASSERT_EQ(peers.size(), 3u);
-  std::mt19937 rng(7);
-  auto inputs = RandomInputs(3, 300, rng);
-  inputs[2][0] = NAN;
-  std::vector<float> weights = {1.0f, 1.0f, 1.0f};
-  Group group = MakeGroup(peers, modes, "false-claim");
-  AllReduceOptions options;
-  options.part_elements = 25;
-  std::vector<AllReduceOptions> per_member(3, options);
-  per_member[2].input_checked = true;
-  auto outcome = RunRound(peers, group, inputs, weights, per_member);
-  ExpectConsistentMeans(group, outcome, inputs, weights, {0, 1});
-  ASSERT_TRUE(outcome.results[0].has_value() && outcome.results[0]->ok());
-  int parts_with_two = 0;
-  for (const PartReport& part : outcome.results[0]->value().parts) {
-    const auto& from = part.contributors;
-    const bool has_two = std::find(from.begin(), from.end(), 2) != from.end();
-    if (part.begin == 0) {
-      EXPECT_FALSE(has_two) << "the NaN's part must leave member 2 out";
+  // Once with the NaN in another member's share, once in the claimant's own: its own reduction
+  // finds it in the weighted mean and goes on without it.
+  for (int nan_share : {0, 2}) {
+    SCOPED_TRACE("NaN in the share of member " + std::to_string(nan_share));
+    std::vector<MemberMode> modes(3, MemberMode::kNormal);
+    auto peers = StartPeers(modes);
+    ASSERT_EQ(peers.size(), 3u);
+    std::mt19937 rng(7);
+    auto inputs = RandomInputs(3, 300, rng);
+    Group group = MakeGroup(peers, modes, "false-claim-" + std::to_string(nan_share));
+    AllReduceOptions options;
+    options.part_elements = 25;
+    Group mine = group;
+    mine.my_index = 0;
+    auto partition = Partition::Make(mine, 300, options.part_elements);
+    ASSERT_TRUE(partition.ok());
+    const Part& bad_part = partition->parts()[partition->first_part(nan_share)];
+    inputs[2][bad_part.begin] = NAN;
+    std::vector<float> weights = {1.0f, 1.0f, 1.0f};
+    std::vector<AllReduceOptions> per_member(3, options);
+    per_member[2].input_checked = true;
+    auto outcome = RunRound(peers, group, inputs, weights, per_member);
+    ExpectConsistentMeans(group, outcome, inputs, weights, {0, 1});
+    ASSERT_TRUE(outcome.results[0].has_value() && outcome.results[0]->ok());
+    int parts_with_two = 0;
+    for (const PartReport& part : outcome.results[0]->value().parts) {
+      const auto& from = part.contributors;
+      const bool has_two = std::find(from.begin(), from.end(), 2) != from.end();
+      if (part.begin == bad_part.begin) {
+        EXPECT_FALSE(has_two) << "the NaN's part must leave member 2 out";
+      }
+      parts_with_two += has_two;
     }
-    parts_with_two += has_two;
+    // Not refused locally: member 2 took part, and its finite parts count where they arrived
+    // first.
+    EXPECT_GT(parts_with_two, 0);
+    // And it learns why, from the reducer that refused it (or from its own reduction).
+    ASSERT_TRUE(outcome.results[2].has_value());
+    ASSERT_FALSE(outcome.results[2]->ok());
+    EXPECT_NE(outcome.results[2]->status().ToString().find("non-finite"), std::string::npos)
+        << outcome.results[2]->status().ToString();
   }
-  // Not refused locally: member 2 took part, and its finite parts count where they arrived first.
-  EXPECT_GT(parts_with_two, 0);
-  // And it learns why, from the reducer that refused it.
-  ASSERT_TRUE(outcome.results[2].has_value());
-  ASSERT_FALSE(outcome.results[2]->ok());
-  EXPECT_NE(outcome.results[2]->status().ToString().find("non-finite"), std::string::npos)
-      << outcome.results[2]->status().ToString();
 }
 
 // ---- a misbehaving sender speaks the wire protocol by hand ----

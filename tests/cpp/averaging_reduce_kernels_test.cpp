@@ -27,7 +27,7 @@ TEST(ReduceKernels, WeightedMeanMatchesADoubleLoopBitForBit) {
     std::vector<double> weights = {1.0, 0.5, 3.25};
     std::vector<const float*> pointers = {inputs[0].data(), inputs[1].data(), inputs[2].data()};
     std::vector<float> out(n, -1.0f);
-    WeightedMean(pointers.data(), weights.data(), 3, n, out.data());
+    EXPECT_TRUE(WeightedMean(pointers.data(), weights.data(), 3, n, out.data()));
     for (size_t i = 0; i < n; ++i) {
       double sum = 0;
       for (int k = 0; k < 3; ++k) sum += weights[k] / 4.75 * static_cast<double>(inputs[k][i]);
@@ -38,7 +38,7 @@ TEST(ReduceKernels, WeightedMeanMatchesADoubleLoopBitForBit) {
 
 TEST(ReduceKernels, WeightedMeanOfNothingIsZero) {
   std::vector<float> out(5, 7.0f);
-  WeightedMean(nullptr, nullptr, 0, out.size(), out.data());
+  EXPECT_TRUE(WeightedMean(nullptr, nullptr, 0, out.size(), out.data()));
   EXPECT_EQ(out, std::vector<float>(5, 0.0f));
 }
 
@@ -58,8 +58,27 @@ TEST(ReduceKernels, EveryPositionOfANonFiniteValueIsFoundEvenUnaligned) {
       ASSERT_FALSE(AllFinite(bytes.data() + 1, n)) << at;
       std::vector<float> out(n);
       ASSERT_FALSE(CopyFinite(copy.data(), n, out.data())) << at;
+      // The mean stands for its inputs' check: whichever input, and however many inputs.
+      for (size_t inputs : {1u, 2u, 3u}) {
+        for (size_t which = 0; which < inputs; ++which) {
+          std::vector<const float*> pointers(inputs, values.data());
+          pointers[which] = copy.data();
+          std::vector<double> weights(inputs, 0.25);
+          ASSERT_FALSE(WeightedMean(pointers.data(), weights.data(), inputs, n, out.data()))
+              << at << " in input " << which << " of " << inputs;
+        }
+      }
     }
   }
+  // Finite inputs at the edge of the range: their mean is finite, whatever the weights.
+  std::vector<float> huge(n, std::numeric_limits<float>::max());
+  std::vector<float> negative_huge(n, -std::numeric_limits<float>::max());
+  const float* edges[] = {huge.data(), huge.data(), negative_huge.data()};
+  const double edge_weights[] = {1e-30, 3.0, 1e30};
+  std::vector<float> mean(n);
+  EXPECT_TRUE(WeightedMean(edges, edge_weights, 2, n, mean.data()));
+  EXPECT_EQ(mean[0], std::numeric_limits<float>::max());
+  EXPECT_TRUE(WeightedMean(edges + 1, edge_weights + 1, 2, n, mean.data()));
   float largest = std::numeric_limits<float>::max();
   EXPECT_TRUE(AllFinite(&largest, 1));
   std::vector<float> out(n);
