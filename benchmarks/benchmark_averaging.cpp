@@ -87,6 +87,7 @@ struct Config {
   bool quick = false;
   bool tcp_reference = true;
   size_t part_elements = avg::kDefaultPartElements;
+  size_t direct_stream_bytes = avg::AllReduceOptions().direct_stream_bytes;
   int timeout_s = 120;
   // A finished round keeps its input copy and results for this long (AllReduceServiceOptions),
   // freed when a later round registers after it. The library's default of 60 s keeps every round
@@ -173,7 +174,7 @@ void PrintUsage() {
       "                           [--warmup=1] [--encrypt] [--json] [--quick]\n"
       "                           [--part-elements=262144] [--timeout=120] [--grace-ms=0]\n"
       "                           [--no-tcp-reference] [--codec=none] [--bandwidths=B0,B1,..]\n"
-      "                           [--netns=NS0@IP0,NS1@IP1,..]\n"
+      "                           [--netns=NS0@IP0,NS1@IP1,..] [--direct-stream-bytes=1048576]\n"
       "  --sizes      float32 vector sizes in bytes (suffix K, M, G = KiB, MiB, GiB; multiple of "
       "4)\n"
       "  --peers      group sizes n; each peer is its own process\n"
@@ -188,7 +189,9 @@ void PrintUsage() {
       "               results travel encoded (results are then checked within 2%%, not exactly)\n"
       "  --bandwidths declared bandwidth of member i of each group (shares are balanced by them)\n"
       "  --netns      worker w runs in network namespace NSw, listening on IPw (needs root; see\n"
-      "               benchmarks/benchmark_load_balance.sh)\n");
+      "               benchmarks/benchmark_load_balance.sh)\n"
+      "  --direct-stream-bytes  shares of at least this many bytes go on direct streams\n"
+      "               (AllReduceOptions::direct_stream_bytes; 0: never)\n");
 }
 
 bool ParseFlags(int argc, char** argv, Config& config) {
@@ -253,6 +256,10 @@ bool ParseFlags(int argc, char** argv, Config& config) {
       auto value = ParseInt(*part, 1, 64 << 20);
       if (!value) return bad("give 1 .. 64Mi elements");
       config.part_elements = static_cast<size_t>(*value);
+    } else if (auto direct = value_of("--direct-stream-bytes")) {
+      auto value = ParseInt(*direct, 0, 1 << 30);
+      if (!value) return bad("give 0 .. 1 GiB in bytes");
+      config.direct_stream_bytes = static_cast<size_t>(*value);
     } else if (auto timeout = value_of("--timeout")) {
       auto value = ParseInt(*timeout, 1, 3600);
       if (!value) return bad("give 1 .. 3600 seconds");
@@ -421,6 +428,7 @@ int RunWorker(const Config& config, int read_fd, int write_fd) {
   round_options.sender_timeout = std::chrono::milliseconds(config.timeout_s * 1000 / 4);
   round_options.reducer_timeout = std::chrono::milliseconds(config.timeout_s * 1000 / 2);
   round_options.part_elements = config.part_elements;
+  round_options.direct_stream_bytes = config.direct_stream_bytes;
 
   int exit_code = 0;
   auto shutdown = [&] {
@@ -564,6 +572,7 @@ class Workers {
           "--timeout=" + std::to_string(config.timeout_s),
           "--grace-ms=" + std::to_string(config.grace_ms),
           "--part-elements=" + std::to_string(config.part_elements),
+          "--direct-stream-bytes=" + std::to_string(config.direct_stream_bytes),
           "--codec=" + config.codec};
       if (config.encrypt) args.push_back("--encrypt");
       if (!config.bandwidths.empty()) {

@@ -348,6 +348,12 @@ class Round : public std::enable_shared_from_this<Round> {
     const size_t begin = partition_.parts()[first].begin;
     return AllFinite(input_->data() + begin, last.begin + last.size - begin);
   }
+  size_t ShareElements(int share) const {
+    if (partition_.num_parts(share) == 0) return 0;
+    const size_t first = partition_.first_part(share);
+    const Part& last = partition_.parts()[first + partition_.num_parts(share) - 1];
+    return last.begin + last.size - partition_.parts()[first].begin;
+  }
   std::string ShareSpan(int share) const {
     const size_t first = partition_.first_part(share);
     const Part& last = partition_.parts()[first + partition_.num_parts(share) - 1];
@@ -1480,8 +1486,10 @@ void Round::OpenSenderStream(int share, const std::shared_ptr<Channel>& channel)
   open.set_codec_digest(codec_.digest());
   Millis left = std::max(Millis(1), std::chrono::duration_cast<Millis>(deadline_ - Clock::now()));
   ++channel->attempts;
-  channel->owned =
-      node_.OpenStream(group_.members[share].address, methods_[kAllReduce], net::CallOptions{left});
+  net::CallOptions call{left};
+  call.direct = options_.direct_stream_bytes > 0 &&
+                ShareElements(share) * sizeof(float) >= options_.direct_stream_bytes;
+  channel->owned = node_.OpenStream(group_.members[share].address, methods_[kAllReduce], call);
   channel->stream = channel->owned.get();
   channel->stream->Write(Encode(open));
   if (channel->withhold) {

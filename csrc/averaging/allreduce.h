@@ -53,6 +53,12 @@ struct AllReduceOptions {
   // fills the vector), so the round skips its own check. A false claim harms only this member:
   // every reducer checks the parts it receives and excludes their sender.
   bool input_checked = false;
+  // Shares of at least this many bytes (as float32) are sent on direct streams: a TCP connection
+  // of their own per sender and reducer, when both nodes allow it (net::CallOptions::direct,
+  // docs/transport.md). Smaller ones, and every share when this is 0, use the node's link. Each
+  // direct stream costs one extra request and connection to set up, which smaller shares do not
+  // win back (docs/benchmarks.md).
+  size_t direct_stream_bytes = size_t{4} << 20;
   // Test hook: called (from any thread, without locks held) at the points above. Must not block.
   std::function<void(RoundEvent, size_t part)> observer;
 };

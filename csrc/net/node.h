@@ -56,11 +56,20 @@ struct NodeOptions {
   int max_inflight_requests_per_peer = 1024;
   // Threads running unary handlers and completion callbacks.
   int worker_threads = 2;
+  // Serve and open direct streams (CallOptions::direct): bulk streams on a TCP connection of
+  // their own, beside the ZeroMQ link (docs/transport.md). Only without encryption: a node with
+  // encryption serves none and opens none (its direct streams run as ordinary ones).
+  bool direct_streams = true;
 };
 
 struct CallOptions {
   // Zero = NodeOptions::default_call_timeout.
   Milliseconds timeout{0};
+  // OpenStream only: run the stream on a TCP connection of its own, written and read by the
+  // stream's own threads, when both nodes allow it; otherwise, or when that connection cannot be
+  // set up, as an ordinary stream over the link. Same semantics either way; for streams of large
+  // messages, where ZeroMQ's extra thread hops and allocations cost more than one more connection.
+  bool direct = false;
 };
 
 // What a handler knows about the call it serves.
@@ -86,8 +95,12 @@ class Stream {
   // The next message, or nullopt once the other side closed its writes with OK. Fails with the
   // other side's error status, kUnavailable if the peer died, kDeadlineExceeded at the deadline.
   virtual Future<std::optional<Message>> Read() = 0;
-  // Aborts both directions; the other side sees kCancelled.
+  // Aborts both directions; the other side sees kCancelled (kUnavailable for a direct stream
+  // cancelled in the middle of a message).
   virtual void Cancel() = 0;
+  // Whether this stream runs on a direct connection (CallOptions::direct). For an opened stream,
+  // false until that connection is set up; it is once a first read or write has completed.
+  virtual bool direct() const { return false; }
 };
 
 // Calls the handler must answer exactly once, from any thread, possibly after returning. Answers

@@ -160,6 +160,41 @@ Status NodeImpl::Open() {
   }
   next_sweep_ = Clock::now() + kSweepInterval;
   reactor_thread_ = std::thread([this] { RunReactor(); });
+  return StartDirectStreams();
+}
+
+Status NodeImpl::StartDirectStreams() {
+  if (!options_.direct_streams || options_.encryption) return Status::Ok();
+  // Served on the first IPv4 listen address (0.0.0.0 included), at a port of its own.
+  std::string host;
+  if (!options_.client_mode && !options_.listen_addresses.empty()) {
+    auto endpoint = Endpoint::Parse(options_.listen_addresses.front());
+    if (endpoint.ok() && endpoint->kind == Endpoint::Kind::kIp4) host = endpoint->host;
+  }
+  DirectHub::Hooks hooks;
+  hooks.handler_for = [this](const std::string& method) {
+    std::lock_guard<std::mutex> lock(handlers_mutex_);
+    auto it = stream_handlers_.find(method);
+    return it == stream_handlers_.end() ? StreamHandler() : it->second;
+  };
+  hooks.call = [this](const PeerAddress& peer, const std::string& method, Message request,
+                      CallOptions options) {
+    return Call(peer, method, std::move(request), options);
+  };
+  hooks.open_ordinary = [this](const PeerAddress& peer, const std::string& method,
+                               CallOptions options) {
+    options.direct = false;
+    return OpenStream(peer, method, options);
+  };
+  auto hub = DirectHub::Start(options_, host, std::move(hooks));
+  if (!hub.ok()) {
+    Shutdown();
+    return hub.status();
+  }
+  direct_ = std::move(hub).value();
+  RegisterUnary(kDirectOfferMethod, [this](const CallContext& context, Message, Responder respond) {
+    respond(direct_->Offer(context.peer));
+  });
   return Status::Ok();
 }
 
@@ -219,6 +254,7 @@ Future<Message> NodeImpl::Call(const PeerAddress& peer, const std::string& metho
 
 std::shared_ptr<Stream> NodeImpl::OpenStream(const PeerAddress& peer, const std::string& method,
                                              CallOptions options) {
+  if (options.direct && direct_) return direct_->Open(peer, method, TimeoutFor(options));
   uint64_t call_id = next_call_id_++;
   // The link id is filled in by the reactor; until then the stream only queues.
   auto stream =
@@ -240,6 +276,9 @@ void NodeImpl::Shutdown() {
     reactor_thread_.join();
   }
   commands_->Close();
+  // Only now, with the links gone: a round that sees its direct streams fail can no longer tell
+  // anyone (it would report live peers failed). Calls its dialers wait for have failed already.
+  if (direct_) direct_->Stop();
   ReapHandlerThreads(true);
   pool_->Shutdown();
 }

@@ -11,6 +11,7 @@
 
 #include "common/worker_pool.h"
 #include "net/command_queue.h"
+#include "net/direct_hub.h"
 #include "net/link.h"
 #include "net/node.h"
 #include "net/stream_impl.h"
@@ -49,6 +50,9 @@ class NodeImpl : public Node, public StreamTransport {
 
  private:
   using TimePoint = std::chrono::steady_clock::time_point;
+
+  // The listener and dialer of direct streams, when options allow them (part of Open).
+  Status StartDirectStreams();
 
   struct OutCall {
     uint64_t link_id;
@@ -145,6 +149,9 @@ class NodeImpl : public Node, public StreamTransport {
   std::atomic<bool> shut_down_{false};
   std::mutex shutdown_mutex_;
   std::thread reactor_thread_;
+
+  // Direct streams (CallOptions::direct): only without encryption.
+  std::unique_ptr<DirectHub> direct_;
 
   mutable std::mutex handlers_mutex_;
   std::unordered_map<std::string, UnaryHandler> unary_handlers_;

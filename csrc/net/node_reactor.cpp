@@ -24,21 +24,6 @@ std::string Hex(const void* data, size_t size) {
   return text;
 }
 
-wire::ErrorStatus ToWire(const Status& status) {
-  wire::ErrorStatus error;
-  error.set_code(static_cast<uint32_t>(status.code()));
-  error.set_message(status.message());
-  return error;
-}
-
-Status FromWire(const wire::ErrorStatus& error) {
-  if (error.code() == 0) return Status::Ok();
-  auto code = error.code() <= static_cast<uint32_t>(StatusCode::kProtocolError)
-                  ? static_cast<StatusCode>(error.code())
-                  : StatusCode::kInternal;
-  return Status(code, error.message());
-}
-
 std::vector<zmq::message_t> ReceiveMultipart(zmq::socket_t& socket) {
   std::vector<zmq::message_t> frames;
   for (;;) {

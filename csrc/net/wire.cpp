@@ -16,6 +16,21 @@ Status Violation(const std::string& why) { return Status(StatusCode::kProtocolEr
 
 }  // namespace
 
+wire::ErrorStatus ToWire(const Status& status) {
+  wire::ErrorStatus error;
+  error.set_code(static_cast<uint32_t>(status.code()));
+  error.set_message(status.message());
+  return error;
+}
+
+Status FromWire(const wire::ErrorStatus& error) {
+  if (error.code() == 0) return Status::Ok();
+  auto code = error.code() <= static_cast<uint32_t>(StatusCode::kProtocolError)
+                  ? static_cast<StatusCode>(error.code())
+                  : StatusCode::kInternal;
+  return Status(code, error.message());
+}
+
 Status MessageLimits::Check(const Message& message) const {
   if (message.header.size() > max_header_bytes) {
     return Status(StatusCode::kResourceExhausted,

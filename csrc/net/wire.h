@@ -19,6 +19,10 @@ constexpr size_t kMaxPayloadsPerMessage = 4096;
 // The largest chunk a sender may use; receivers size their ZeroMQ message limit for it.
 constexpr size_t kMaxChunkBytes = size_t{16} << 20;
 
+// A status on the wire and back; an unknown code reads as kInternal.
+wire::ErrorStatus ToWire(const Status& status);
+Status FromWire(const wire::ErrorStatus& error);
+
 // The size limits a node enforces on every message it sends or accepts.
 struct MessageLimits {
   size_t max_header_bytes;

@@ -207,8 +207,12 @@ TEST(AllReduce, ExactWeightedMeanFor2To16Peers) {
       auto inputs = RandomInputs(n, size, rng);
       Group group =
           MakeGroup(peers, modes, "exact-" + std::to_string(n) + "-" + std::to_string(rng()));
-      auto outcome = RunRound(peers, group, inputs, weights,
-                              std::vector<AllReduceOptions>(n, FastOptions(64)));
+      // Every share on a direct stream (a TCP connection per sender and reducer) up to n = 8;
+      // beyond, and in the other tests, vectors this small travel on the nodes' links.
+      AllReduceOptions options = FastOptions(64);
+      if (n <= 8) options.direct_stream_bytes = 1;
+      auto outcome =
+          RunRound(peers, group, inputs, weights, std::vector<AllReduceOptions>(n, options));
       SCOPED_TRACE("n=" + std::to_string(n) + " size=" + std::to_string(size));
       ExpectConsistentMeans(group, outcome, inputs, weights, AllIndices(n));
       if (HasFailure()) return;
@@ -895,6 +899,9 @@ TEST(AllReduceChaos, SurvivorsAgreeWhenOnePeerDies) {
     // Every other trial sends a middle range as fp16: takeovers must keep compressed results
     // identical too (a backup republishes adopted results raw).
     if (trial % 2 == 1) options.codecs = {{size / 4, size / 2, CodecSpec::Float16()}};
+    // Two trials in three send every share on a direct stream: a death must break those as
+    // surely as the links.
+    if (trial % 3 != 2) options.direct_stream_bytes = 1;
     std::vector<AllReduceOptions> per_member(n, options);
     test::Notification kill;
     std::atomic<bool> round_over{false};

@@ -13,38 +13,15 @@ namespace {
 
 using test::Await;
 using test::Clock;
+using test::EchoStream;
 using test::MakeMessage;
 using test::Notification;
+using test::ReadAll;
 using test::SecondsSince;
 using test::StartNode;
 using test::TestNodeOptions;
 
 constexpr Milliseconds kHandlerWait{10000};
-
-// Reads every message until the end of the stream; the messages, or the error that ended it.
-Result<std::vector<Message>> ReadAll(Stream& stream, Milliseconds timeout = test::kPromptly) {
-  std::vector<Message> messages;
-  while (true) {
-    auto next = stream.Read().WaitFor(timeout);
-    if (!next) return Status(StatusCode::kInternal, "TEST: a Read did not complete in time");
-    if (!next->ok()) return next->status();
-    if (!next->value().has_value()) return messages;
-    messages.push_back(std::move(*next->value()));
-  }
-}
-
-// Serves "echo_stream": writes back every message it reads, then ends with OK.
-Status EchoStream(const CallContext&, Stream& stream) {
-  while (true) {
-    auto next = stream.Read().WaitFor(kHandlerWait);
-    if (!next) return Status(StatusCode::kInternal, "echo_stream: a Read did not complete");
-    if (!next->ok()) return next->status();
-    if (!next->value().has_value()) return Status::Ok();
-    auto written = stream.Write(std::move(*next->value())).WaitFor(kHandlerWait);
-    if (!written) return Status(StatusCode::kInternal, "echo_stream: a Write did not complete");
-    if (!written->ok()) return written->status();
-  }
-}
 
 class StreamTest : public ::testing::Test {
  protected:

@@ -242,6 +242,32 @@ inline std::unique_ptr<Node> StartNode(NodeOptions options = TestNodeOptions()) 
   return std::move(started).value();
 }
 
+// Reads every message of `stream` until its end; the messages, or the error that ended it.
+inline Result<std::vector<Message>> ReadAll(net::Stream& stream, Milliseconds timeout = kPromptly) {
+  std::vector<Message> messages;
+  while (true) {
+    auto next = stream.Read().WaitFor(timeout);
+    if (!next) return Status(StatusCode::kInternal, "TEST: a Read did not complete in time");
+    if (!next->ok()) return next->status();
+    if (!next->value().has_value()) return messages;
+    messages.push_back(std::move(*next->value()));
+  }
+}
+
+// A stream handler that writes back every message it reads, then ends with OK.
+inline Status EchoStream(const net::CallContext&, net::Stream& stream) {
+  constexpr Milliseconds kWait{10000};
+  while (true) {
+    auto next = stream.Read().WaitFor(kWait);
+    if (!next) return Status(StatusCode::kInternal, "echo_stream: a Read did not complete");
+    if (!next->ok()) return next->status();
+    if (!next->value().has_value()) return Status::Ok();
+    auto written = stream.Write(std::move(*next->value())).WaitFor(kWait);
+    if (!written) return Status(StatusCode::kInternal, "echo_stream: a Write did not complete");
+    if (!written->ok()) return written->status();
+  }
+}
+
 // Registers `method` on `node` as an echo: the reply carries the request's header and payloads.
 inline void RegisterEcho(Node& node, const std::string& method = "echo") {
   node.RegisterUnary(method, [](const net::CallContext&, Message request, net::Responder respond) {

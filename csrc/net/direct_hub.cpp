@@ -1,0 +1,391 @@
+#include "net/direct_hub.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sodium.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "common/logging.h"
+#include "net/direct_io.h"
+
+namespace hivemind::net {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr size_t kTokenBytes = 16;
+// How long an offer stays valid, and how long an accepted connection may take to say hello.
+constexpr auto kOfferLifetime = std::chrono::seconds(10);
+constexpr auto kHelloTimeout = std::chrono::seconds(5);
+constexpr size_t kMaxOffers = 4096;
+// After a direct connection to a peer failed to set up, its streams go the ordinary way for this
+// long (a port behind a firewall would otherwise cost connect_timeout per stream).
+constexpr auto kNoDirectPeriod = std::chrono::seconds(60);
+// Released receive buffers kept for reuse by all direct streams of a node: a stream's window of
+// 1 MiB messages, twice.
+constexpr size_t kKeptReceiveBytes = size_t{32} << 20;
+
+Status SystemError(const std::string& what) {
+  return Status(StatusCode::kInternal, what + ": " + std::strerror(errno));
+}
+
+// Codes with which a callee says it serves no direct streams (or not to us): fall back.
+bool MeansNoDirect(const Status& status) {
+  return status.code() == StatusCode::kNotFound || status.code() == StatusCode::kFailedPrecondition;
+}
+
+Status WriteAck(int fd, const Status& status, Clock::time_point deadline) {
+  wire::DirectFrame ack;
+  ack.set_kind(wire::DIRECT_ACK);
+  *ack.mutable_status() = ToWire(status);
+  return WriteDirectFrame(fd, ack, {}, deadline);
+}
+
+}  // namespace
+
+DirectHub::DirectHub(const NodeOptions& options, Hooks hooks)
+    : options_(options),
+      hooks_(std::move(hooks)),
+      buffers_(PayloadRecycler::Create(kKeptReceiveBytes)) {}
+
+Result<std::unique_ptr<DirectHub>> DirectHub::Start(const NodeOptions& options,
+                                                    const std::string& listen_host, Hooks hooks) {
+  std::unique_ptr<DirectHub> hub(new DirectHub(options, std::move(hooks)));
+  if (listen_host.empty()) return hub;
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  if (::inet_pton(AF_INET, listen_host.c_str(), &address.sin_addr) != 1) {
+    return Status(StatusCode::kInvalidArgument,
+                  "direct streams: not an IPv4 address: " + listen_host);
+  }
+  hub->listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (hub->listen_fd_ < 0) return SystemError("direct streams: socket");
+  int one = 1;
+  ::setsockopt(hub->listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  socklen_t length = sizeof(address);
+  if (::bind(hub->listen_fd_, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0 ||
+      ::listen(hub->listen_fd_, 128) != 0 ||
+      ::getsockname(hub->listen_fd_, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
+    return SystemError("direct streams: listening on " + listen_host);
+  }
+  hub->port_ = ntohs(address.sin_port);
+  hub->wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (hub->wake_fd_ < 0) return SystemError("direct streams: eventfd");
+  DirectHub* raw = hub.get();
+  hub->acceptor_ = std::thread([raw] { raw->RunAcceptor(); });
+  return hub;
+}
+
+DirectHub::~DirectHub() {
+  Stop();
+  if (wake_fd_ >= 0) ::close(wake_fd_);
+}
+
+void DirectHub::Stop() {
+  std::vector<std::shared_ptr<DirectStream>> streams;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (stopped_) return;
+    stopped_ = true;
+    for (int fd : handshakes_) ::shutdown(fd, SHUT_RDWR);
+    for (auto& weak : streams_) {
+      if (auto stream = weak.lock()) streams.push_back(std::move(stream));
+    }
+    streams_.clear();
+  }
+  if (wake_fd_ >= 0) {
+    uint64_t one = 1;
+    (void)!::write(wake_fd_, &one, sizeof(one));
+  }
+  if (acceptor_.joinable()) acceptor_.join();
+  // Refused from now on, like the link's port: a caller must not wait for an accept that will
+  // never come.
+  if (listen_fd_ >= 0) {
+    ::close(listen_fd_);
+    listen_fd_ = -1;
+  }
+  // Peers see the connections end, as they see the links end: a node that shuts down is gone.
+  for (auto& stream : streams) {
+    stream->Fail(Status(StatusCode::kCancelled, "the node is shut down"), /*tell_peer=*/false);
+  }
+  threads_->JoinAll();
+}
+
+Result<Message> DirectHub::Offer(const PeerId& caller) {
+  if (port_ == 0) {
+    return Status(StatusCode::kFailedPrecondition, "this node serves no direct streams");
+  }
+  std::string token(kTokenBytes, '\0');
+  randombytes_buf(token.data(), token.size());
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    // To the caller this node is going away, as its link soon will.
+    if (stopped_) return Status(StatusCode::kUnavailable, "the node is shutting down");
+    const auto now = Clock::now();
+    for (auto it = offers_.begin(); it != offers_.end();) {
+      it = it->second.expiry <= now ? offers_.erase(it) : std::next(it);
+    }
+    if (offers_.size() >= kMaxOffers) {
+      return Status(StatusCode::kResourceExhausted, "too many direct stream offers outstanding");
+    }
+    offers_[token] = Pending{caller, now + kOfferLifetime};
+  }
+  wire::DirectOffer offer;
+  offer.set_port(port_);
+  offer.set_token(token);
+  return Message(offer.SerializeAsString());
+}
+
+DirectStream::Settings DirectHub::SettingsFor(Milliseconds timeout, bool we_called) const {
+  DirectStream::Settings settings;
+  settings.limits = MessageLimits{options_.max_header_bytes, options_.max_message_bytes};
+  settings.window = options_.stream_window_messages;
+  settings.deadline = Clock::now() + timeout;
+  settings.we_called = we_called;
+  settings.buffers = buffers_;
+  return settings;
+}
+
+bool DirectHub::Track(const std::shared_ptr<DirectStream>& stream) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (stopped_) return false;
+  streams_.erase(
+      std::remove_if(streams_.begin(), streams_.end(),
+                     [](const std::weak_ptr<DirectStream>& weak) { return weak.expired(); }),
+      streams_.end());
+  streams_.push_back(stream);
+  return true;
+}
+
+bool DirectHub::DirectRefused(const PeerId& peer) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = no_direct_until_.find(peer);
+  if (it == no_direct_until_.end()) return false;
+  if (Clock::now() < it->second) return true;
+  no_direct_until_.erase(it);
+  return false;
+}
+
+void DirectHub::RefuseDirect(const PeerId& peer) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  no_direct_until_[peer] = Clock::now() + kNoDirectPeriod;
+}
+
+void DirectHub::RunAcceptor() {
+  while (true) {
+    pollfd entries[2] = {{listen_fd_, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
+    int ready = ::poll(entries, 2, -1);
+    if (ready < 0 && errno != EINTR) {
+      HM_LOG(kError) << "direct streams: poll failed: " << std::strerror(errno);
+      return;
+    }
+    if (entries[1].revents != 0) return;  // Stop
+    if (ready <= 0 || entries[0].revents == 0) continue;
+    int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) continue;  // the caller gave up already, or out of descriptors for a moment
+    int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (stopped_) {
+        ::close(fd);
+        return;
+      }
+      handshakes_.insert(fd);
+    }
+    if (!threads_->Spawn([this, fd] { Serve(fd); })) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      handshakes_.erase(fd);
+      ::close(fd);
+    }
+  }
+}
+
+void DirectHub::Serve(int fd) {
+  auto refuse = [&](const Status& why) {
+    (void)WriteAck(fd, why, Clock::now() + kHelloTimeout);
+    std::lock_guard<std::mutex> lock(mutex_);
+    handshakes_.erase(fd);
+    ::close(fd);
+  };
+  wire::DirectFrame hello;
+  Status read = ReadDirectFrame(fd, MaxDirectFrameBytes(options_.max_header_bytes),
+                                Clock::now() + kHelloTimeout, &hello);
+  if (!read.ok() || hello.kind() != wire::DIRECT_HELLO) {
+    // Not our protocol, or a caller that went away: nobody to tell.
+    std::lock_guard<std::mutex> lock(mutex_);
+    handshakes_.erase(fd);
+    ::close(fd);
+    return;
+  }
+  PeerId peer;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto offer = offers_.find(hello.token());
+    if (offer != offers_.end()) {
+      if (offer->second.expiry > Clock::now()) peer = offer->second.peer;
+      offers_.erase(offer);  // single use, whatever happens next
+    }
+  }
+  if (peer == PeerId()) {
+    return refuse(Status(StatusCode::kPermissionDenied, "unknown or expired direct stream token"));
+  }
+  StreamHandler handler = hooks_.handler_for(hello.method());
+  if (!handler) {
+    return refuse(Status(StatusCode::kNotFound, "no stream method '" + hello.method() + "' here"));
+  }
+  bool too_many;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    int& served = served_per_peer_[peer];
+    too_many = served >= options_.max_inbound_streams_per_peer;
+    if (!too_many) ++served;
+  }
+  if (too_many) {
+    return refuse(Status(StatusCode::kResourceExhausted,
+                         "more than " + std::to_string(options_.max_inbound_streams_per_peer) +
+                             " streams from one peer open at once"));
+  }
+  auto timeout =
+      hello.timeout_ms() > 0 ? Milliseconds(hello.timeout_ms()) : options_.default_call_timeout;
+  const DirectStream::Settings settings = SettingsFor(timeout, /*we_called=*/false);
+  auto stream = std::make_shared<DirectStream>(peer, settings, threads_);
+  Status acked =
+      WriteAck(fd, Status::Ok(), std::min(settings.deadline, Clock::now() + kHelloTimeout));
+  bool started = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    handshakes_.erase(fd);
+  }
+  if (acked.ok() && Track(stream)) {
+    started = stream->Start(fd);  // owns fd from here on
+  } else {
+    ::close(fd);
+  }
+  if (started) {
+    CallContext context{peer, hello.method(), settings.deadline, stream->cancelled()};
+    Status result;
+    try {
+      result = handler(context, *stream);
+    } catch (const std::exception& error) {
+      result = Status(StatusCode::kInternal,
+                      "the handler of '" + hello.method() + "' threw: " + error.what());
+    } catch (...) {
+      result = Status(StatusCode::kInternal, "the handler of '" + hello.method() + "' threw");
+    }
+    stream->FinishFromHandler(result);
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (--served_per_peer_[peer] <= 0) served_per_peer_.erase(peer);
+}
+
+std::shared_ptr<Stream> DirectHub::Open(const PeerAddress& peer, const std::string& method,
+                                        Milliseconds timeout) {
+  if (DirectRefused(peer.peer_id)) {
+    return hooks_.open_ordinary(peer, method, CallOptions{timeout});
+  }
+  auto stream = std::make_shared<DirectStream>(peer.peer_id,
+                                               SettingsFor(timeout, /*we_called=*/true), threads_);
+  if (!Track(stream) || !threads_->Spawn([this, stream, peer, method, timeout] {
+        Dial(stream, peer, method, timeout);
+      })) {
+    stream->Fail(Status(StatusCode::kCancelled, "the node is shut down"));
+  }
+  return stream;
+}
+
+void DirectHub::Dial(const std::shared_ptr<DirectStream>& stream, const PeerAddress& peer,
+                     const std::string& method, Milliseconds timeout) {
+  const auto deadline = stream->deadline();
+  auto left = [&] {
+    return std::max(Milliseconds(1),
+                    std::chrono::duration_cast<Milliseconds>(deadline - Clock::now()));
+  };
+  // Whatever cannot go direct goes the ordinary way, with the time left.
+  auto divert = [&](bool remember) {
+    if (remember) RefuseDirect(peer.peer_id);
+    stream->Divert(hooks_.open_ordinary(peer, method, CallOptions{left()}));
+  };
+  const Endpoint* endpoint = nullptr;
+  for (const Endpoint& candidate : peer.endpoints) {
+    if (candidate.kind != Endpoint::Kind::kDns) {
+      endpoint = &candidate;
+      break;
+    }
+  }
+  if (endpoint == nullptr) return divert(false);  // reached through an existing link only
+
+  Future<Message> asked = hooks_.call(peer, kDirectOfferMethod, Message(), CallOptions{timeout});
+  stream->SetSetupCanceller([asked] { asked.Cancel(); });
+  const Result<Message>& answer = asked.Wait();
+  if (!answer.ok()) {
+    if (MeansNoDirect(answer.status())) return divert(true);
+    // The peer is unreachable or the stream was cancelled: an ordinary stream would fail too.
+    stream->Fail(answer.status());
+    return;
+  }
+  wire::DirectOffer offer;
+  if (!offer.ParseFromString(answer->header) || offer.port() == 0 || offer.port() > 65535) {
+    return divert(true);
+  }
+  const auto setup_deadline = std::min(deadline, Clock::now() + options_.connect_timeout);
+  auto connected =
+      ConnectDirect(endpoint->host, static_cast<uint16_t>(offer.port()), setup_deadline);
+  if (!connected.ok()) return divert(true);
+  // The socket is shut down if the stream fails while the handshake waits; it is closed here
+  // only under the holder's lock, so the canceller never touches a descriptor reused meanwhile.
+  struct Socket {
+    std::mutex mutex;
+    int fd;
+  };
+  auto socket = std::make_shared<Socket>();
+  socket->fd = *connected;
+  stream->SetSetupCanceller([socket] {
+    std::lock_guard<std::mutex> lock(socket->mutex);
+    if (socket->fd >= 0) ::shutdown(socket->fd, SHUT_RDWR);
+  });
+  const int fd = socket->fd;
+  auto release = [&] {
+    std::lock_guard<std::mutex> lock(socket->mutex);
+    socket->fd = -1;
+  };
+  wire::DirectFrame hello;
+  hello.set_kind(wire::DIRECT_HELLO);
+  hello.set_token(offer.token());
+  hello.set_method(method);
+  hello.set_timeout_ms(static_cast<uint32_t>(left().count()));
+  wire::DirectFrame ack;
+  Status handshake = WriteDirectFrame(fd, hello, {}, setup_deadline);
+  if (handshake.ok()) {
+    handshake =
+        ReadDirectFrame(fd, MaxDirectFrameBytes(options_.max_header_bytes), setup_deadline, &ack);
+  }
+  if (handshake.ok() && ack.kind() != wire::DIRECT_ACK) {
+    handshake = Status(StatusCode::kProtocolError, "expected a direct stream ack");
+  }
+  Status refused = handshake.ok() ? FromWire(ack.status()) : handshake;
+  release();
+  if (refused.ok()) {
+    stream->Start(fd);  // owns fd from here on
+    return;
+  }
+  ::close(fd);
+  if (stream->cancelled()->load()) return;  // failed meanwhile: nothing to set up
+  if (handshake.ok() && (refused.code() == StatusCode::kNotFound ||
+                         refused.code() == StatusCode::kResourceExhausted)) {
+    // What an ordinary stream would be told too.
+    stream->Fail(refused.WithContext("stream on peer " + peer.peer_id.ToString()));
+    return;
+  }
+  divert(true);
+}
+
+}  // namespace hivemind::net

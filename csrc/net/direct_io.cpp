@@ -1,0 +1,169 @@
+#include "net/direct_io.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstring>
+
+#include "net/wire.h"
+
+namespace hivemind::net {
+namespace {
+
+Status Broken(const std::string& what) {
+  return Status(StatusCode::kUnavailable, what + ": " + std::strerror(errno));
+}
+
+// Waits until `fd` is ready for `events`, the deadline passes, or the socket is shut down (then
+// the next read or write reports it).
+Status WaitReady(int fd, short events, DirectClock::time_point deadline) {
+  while (true) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - DirectClock::now())
+                    .count();
+    if (left <= 0) return Status(StatusCode::kDeadlineExceeded, "the direct stream timed out");
+    pollfd entry{fd, events, 0};
+    int ready = ::poll(&entry, 1, static_cast<int>(std::min<long long>(left, INT_MAX)));
+    if (ready > 0) return Status::Ok();
+    if (ready < 0 && errno != EINTR) return Broken("poll");
+  }
+}
+
+}  // namespace
+
+size_t MaxDirectFrameBytes(size_t max_header_bytes) {
+  return max_header_bytes + 11 * kMaxPayloadsPerMessage + 4096;
+}
+
+Status WriteDirectFrame(int fd, const wire::DirectFrame& frame,
+                        const std::vector<Payload>& payloads, DirectClock::time_point deadline) {
+  std::string head(4, '\0');
+  const auto size = static_cast<uint32_t>(frame.ByteSizeLong());
+  for (int i = 0; i < 4; ++i) head[i] = static_cast<char>((size >> (8 * i)) & 0xff);
+  if (!frame.AppendToString(&head)) {
+    return Status(StatusCode::kInternal, "a direct frame did not serialize");
+  }
+  std::vector<iovec> pieces;
+  pieces.push_back(iovec{head.data(), head.size()});
+  for (const Payload& payload : payloads) {
+    if (payload.size() > 0) pieces.push_back(iovec{payload.mutable_data(), payload.size()});
+  }
+  size_t next = 0;  // first piece not fully written
+  while (next < pieces.size()) {
+    msghdr message{};
+    message.msg_iov = pieces.data() + next;
+    message.msg_iovlen = std::min<size_t>(pieces.size() - next, IOV_MAX);
+    ssize_t sent = ::sendmsg(fd, &message, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (sent < 0) {
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN && errno != EWOULDBLOCK) return Broken("writing a direct stream");
+      Status ready = WaitReady(fd, POLLOUT, deadline);
+      if (!ready.ok()) return ready;
+      continue;
+    }
+    auto left = static_cast<size_t>(sent);
+    while (next < pieces.size() && left >= pieces[next].iov_len) left -= pieces[next++].iov_len;
+    if (left > 0) {
+      pieces[next].iov_base = static_cast<char*>(pieces[next].iov_base) + left;
+      pieces[next].iov_len -= left;
+    }
+  }
+  return Status::Ok();
+}
+
+Status ReadExactly(int fd, void* data, size_t size, DirectClock::time_point deadline,
+                   bool* closed_before_any) {
+  if (closed_before_any != nullptr) *closed_before_any = false;
+  auto* at = static_cast<char*>(data);
+  size_t done = 0;
+  while (done < size) {
+    ssize_t got = ::recv(fd, at + done, size - done, MSG_DONTWAIT);
+    if (got > 0) {
+      done += static_cast<size_t>(got);
+      continue;
+    }
+    if (got == 0) {
+      if (closed_before_any != nullptr) *closed_before_any = done == 0;
+      return Status(StatusCode::kUnavailable, "the peer closed the direct connection");
+    }
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) return Broken("reading a direct stream");
+    Status ready = WaitReady(fd, POLLIN, deadline);
+    if (!ready.ok()) return ready;
+  }
+  return Status::Ok();
+}
+
+Status ReadDirectFrame(int fd, size_t max_frame_bytes, DirectClock::time_point deadline,
+                       wire::DirectFrame* frame, bool* closed_before_any) {
+  unsigned char head[4];
+  Status status = ReadExactly(fd, head, sizeof(head), deadline, closed_before_any);
+  if (!status.ok()) return status;
+  const uint32_t size = static_cast<uint32_t>(head[0]) | (static_cast<uint32_t>(head[1]) << 8) |
+                        (static_cast<uint32_t>(head[2]) << 16) |
+                        (static_cast<uint32_t>(head[3]) << 24);
+  if (size > max_frame_bytes) {
+    // Only a header above max_header_bytes makes a frame this long.
+    return Status(StatusCode::kResourceExhausted,
+                  "a direct frame of " + std::to_string(size) + " bytes (at most " +
+                      std::to_string(max_frame_bytes) + " for this node's max_header_bytes)");
+  }
+  std::string bytes(size, '\0');
+  status = ReadExactly(fd, bytes.data(), size, deadline);
+  if (!status.ok()) return status;
+  if (!frame->ParseFromString(bytes)) {
+    return Status(StatusCode::kProtocolError, "a direct frame that does not parse");
+  }
+  return Status::Ok();
+}
+
+Result<int> ConnectDirect(const std::string& host, uint16_t port,
+                          DirectClock::time_point deadline) {
+  sockaddr_storage address{};
+  socklen_t length = 0;
+  auto* v4 = reinterpret_cast<sockaddr_in*>(&address);
+  auto* v6 = reinterpret_cast<sockaddr_in6*>(&address);
+  if (::inet_pton(AF_INET, host.c_str(), &v4->sin_addr) == 1) {
+    v4->sin_family = AF_INET;
+    v4->sin_port = htons(port);
+    length = sizeof(sockaddr_in);
+  } else if (::inet_pton(AF_INET6, host.c_str(), &v6->sin6_addr) == 1) {
+    v6->sin6_family = AF_INET6;
+    v6->sin6_port = htons(port);
+    length = sizeof(sockaddr_in6);
+  } else {
+    return Status(StatusCode::kInvalidArgument, "not an IP address: " + host);
+  }
+  int fd = ::socket(address.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return Broken("socket");
+  int one = 1;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&address), length) != 0 && errno != EINPROGRESS) {
+    Status failed = Broken("connecting to " + host + ":" + std::to_string(port));
+    ::close(fd);
+    return failed;
+  }
+  Status ready = WaitReady(fd, POLLOUT, deadline);
+  int error = 0;
+  socklen_t error_length = sizeof(error);
+  if (ready.ok() && ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &error_length) == 0 &&
+      error != 0) {
+    ready = Status(StatusCode::kUnavailable, "connecting to " + host + ":" + std::to_string(port) +
+                                                 ": " + std::strerror(error));
+  }
+  if (!ready.ok()) {
+    ::close(fd);
+    return ready;
+  }
+  return fd;
+}
+
+}  // namespace hivemind::net
