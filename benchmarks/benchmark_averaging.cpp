@@ -87,7 +87,7 @@ struct Config {
   bool quick = false;
   bool tcp_reference = true;
   size_t part_elements = avg::kDefaultPartElements;
-  size_t direct_stream_bytes = avg::AllReduceOptions().direct_stream_bytes;
+  int direct_stream_bytes = -1;  // the round's default
   int timeout_s = 120;
   // A finished round keeps its input copy and results for this long (AllReduceServiceOptions),
   // freed when a later round registers after it. The library's default of 60 s keeps every round
@@ -174,7 +174,7 @@ void PrintUsage() {
       "                           [--warmup=1] [--encrypt] [--json] [--quick]\n"
       "                           [--part-elements=262144] [--timeout=120] [--grace-ms=0]\n"
       "                           [--no-tcp-reference] [--codec=none] [--bandwidths=B0,B1,..]\n"
-      "                           [--netns=NS0@IP0,NS1@IP1,..] [--direct-stream-bytes=1048576]\n"
+      "                           [--netns=NS0@IP0,NS1@IP1,..] [--direct-stream-bytes=N]\n"
       "  --sizes      float32 vector sizes in bytes (suffix K, M, G = KiB, MiB, GiB; multiple of "
       "4)\n"
       "  --peers      group sizes n; each peer is its own process\n"
@@ -191,7 +191,7 @@ void PrintUsage() {
       "  --netns      worker w runs in network namespace NSw, listening on IPw (needs root; see\n"
       "               benchmarks/benchmark_load_balance.sh)\n"
       "  --direct-stream-bytes  shares of at least this many bytes go on direct streams\n"
-      "               (AllReduceOptions::direct_stream_bytes; 0: never)\n");
+      "               (AllReduceOptions::direct_stream_bytes; 0: never; default: the round's)\n");
 }
 
 bool ParseFlags(int argc, char** argv, Config& config) {
@@ -259,7 +259,7 @@ bool ParseFlags(int argc, char** argv, Config& config) {
     } else if (auto direct = value_of("--direct-stream-bytes")) {
       auto value = ParseInt(*direct, 0, 1 << 30);
       if (!value) return bad("give 0 .. 1 GiB in bytes");
-      config.direct_stream_bytes = static_cast<size_t>(*value);
+      config.direct_stream_bytes = *value;
     } else if (auto timeout = value_of("--timeout")) {
       auto value = ParseInt(*timeout, 1, 3600);
       if (!value) return bad("give 1 .. 3600 seconds");
@@ -428,7 +428,9 @@ int RunWorker(const Config& config, int read_fd, int write_fd) {
   round_options.sender_timeout = std::chrono::milliseconds(config.timeout_s * 1000 / 4);
   round_options.reducer_timeout = std::chrono::milliseconds(config.timeout_s * 1000 / 2);
   round_options.part_elements = config.part_elements;
-  round_options.direct_stream_bytes = config.direct_stream_bytes;
+  if (config.direct_stream_bytes >= 0) {
+    round_options.direct_stream_bytes = static_cast<size_t>(config.direct_stream_bytes);
+  }
 
   int exit_code = 0;
   auto shutdown = [&] {
@@ -572,9 +574,11 @@ class Workers {
           "--timeout=" + std::to_string(config.timeout_s),
           "--grace-ms=" + std::to_string(config.grace_ms),
           "--part-elements=" + std::to_string(config.part_elements),
-          "--direct-stream-bytes=" + std::to_string(config.direct_stream_bytes),
           "--codec=" + config.codec};
       if (config.encrypt) args.push_back("--encrypt");
+      if (config.direct_stream_bytes >= 0) {
+        args.push_back("--direct-stream-bytes=" + std::to_string(config.direct_stream_bytes));
+      }
       if (!config.bandwidths.empty()) {
         std::ostringstream bandwidths;
         bandwidths.precision(17);  // the workers must declare exactly what the parent was given

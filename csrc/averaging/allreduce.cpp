@@ -74,6 +74,10 @@ bool IsRefusal(const Status& status) {
 // come from a slow or misbehaving peer that is still alive and may hold results others need.
 bool ConfirmsDeath(const Status& status) { return status.code() == StatusCode::kUnavailable; }
 
+// AllReduceOptions::direct_stream_bytes when unset, by whether the node encrypts.
+constexpr size_t kDirectStreamBytesPlain = size_t{4} << 20;
+constexpr size_t kDirectStreamBytesEncrypted = size_t{256} << 10;
+
 // How long a DONE notice may take; a notice that fails only delays the release to grace_period.
 constexpr Millis kDoneNoticeTimeout{5000};
 
@@ -1487,8 +1491,9 @@ void Round::OpenSenderStream(int share, const std::shared_ptr<Channel>& channel)
   Millis left = std::max(Millis(1), std::chrono::duration_cast<Millis>(deadline_ - Clock::now()));
   ++channel->attempts;
   net::CallOptions call{left};
-  call.direct = options_.direct_stream_bytes > 0 &&
-                ShareElements(share) * sizeof(float) >= options_.direct_stream_bytes;
+  const size_t direct_bytes = options_.direct_stream_bytes.value_or(
+      node_.encrypted() ? kDirectStreamBytesEncrypted : kDirectStreamBytesPlain);
+  call.direct = direct_bytes > 0 && ShareElements(share) * sizeof(float) >= direct_bytes;
   channel->owned = node_.OpenStream(group_.members[share].address, methods_[kAllReduce], call);
   channel->stream = channel->owned.get();
   channel->stream->Write(Encode(open));

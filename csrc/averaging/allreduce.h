@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -55,10 +56,11 @@ struct AllReduceOptions {
   bool input_checked = false;
   // Shares of at least this many bytes (as float32) are sent on direct streams: a TCP connection
   // of their own per sender and reducer, when both nodes allow it (net::CallOptions::direct,
-  // docs/transport.md). Smaller ones, and every share when this is 0, use the node's link. Each
-  // direct stream costs one extra request and connection to set up, which smaller shares do not
-  // win back (docs/benchmarks.md).
-  size_t direct_stream_bytes = size_t{4} << 20;
+  // docs/transport.md). Smaller ones, and every share when this is 0, use the node's link. Unset:
+  // 4 MiB on a node without encryption (each direct stream costs one request and one connection
+  // to set up, which smaller shares do not win back) and 256 KiB on one with encryption (sealed
+  // direct streams beat CURVE links from there on; docs/benchmarks.md).
+  std::optional<size_t> direct_stream_bytes;
   // Test hook: called (from any thread, without locks held) at the points above. Must not block.
   std::function<void(RoundEvent, size_t part)> observer;
 };

@@ -42,11 +42,11 @@ bool MeansNoDirect(const Status& status) {
   return status.code() == StatusCode::kNotFound || status.code() == StatusCode::kFailedPrecondition;
 }
 
-Status WriteAck(int fd, const Status& status, Clock::time_point deadline) {
+Status WriteAck(int fd, const Status& status, Clock::time_point deadline, DirectCipher* cipher) {
   wire::DirectFrame ack;
   ack.set_kind(wire::DIRECT_ACK);
   *ack.mutable_status() = ToWire(status);
-  return WriteDirectFrame(fd, ack, {}, deadline);
+  return WriteDirectFrame(fd, ack, {}, deadline, cipher);
 }
 
 }  // namespace
@@ -119,12 +119,26 @@ void DirectHub::Stop() {
   threads_->JoinAll();
 }
 
-Result<Message> DirectHub::Offer(const PeerId& caller) {
+Result<Message> DirectHub::Offer(const PeerId& caller, const Message& request) {
   if (port_ == 0) {
     return Status(StatusCode::kFailedPrecondition, "this node serves no direct streams");
   }
+  wire::DirectAsk ask;
+  if (!ask.ParseFromString(request.header)) {
+    return Status(StatusCode::kInvalidArgument, "a direct stream request that does not parse");
+  }
   std::string token(kTokenBytes, '\0');
   randombytes_buf(token.data(), token.size());
+  Pending pending{caller, Clock::now() + kOfferLifetime};
+  if (options_.encryption) {
+    pending.key = DirectCipher::NewKey();
+    pending.cipher = DirectCipher::Choose(ask.aes256gcm());
+  }
+  wire::DirectOffer offer;
+  offer.set_port(port_);
+  offer.set_token(token);
+  offer.set_key(pending.key);
+  offer.set_cipher(pending.cipher);
   {
     std::lock_guard<std::mutex> lock(mutex_);
     // To the caller this node is going away, as its link soon will.
@@ -136,11 +150,8 @@ Result<Message> DirectHub::Offer(const PeerId& caller) {
     if (offers_.size() >= kMaxOffers) {
       return Status(StatusCode::kResourceExhausted, "too many direct stream offers outstanding");
     }
-    offers_[token] = Pending{caller, now + kOfferLifetime};
+    offers_[token] = std::move(pending);
   }
-  wire::DirectOffer offer;
-  offer.set_port(port_);
-  offer.set_token(token);
   return Message(offer.SerializeAsString());
 }
 
@@ -210,8 +221,9 @@ void DirectHub::RunAcceptor() {
 }
 
 void DirectHub::Serve(int fd) {
+  std::shared_ptr<DirectCipher> cipher;  // set once the hello named an offer with a key
   auto refuse = [&](const Status& why) {
-    (void)WriteAck(fd, why, Clock::now() + kHelloTimeout);
+    (void)WriteAck(fd, why, Clock::now() + kHelloTimeout, cipher.get());
     std::lock_guard<std::mutex> lock(mutex_);
     handshakes_.erase(fd);
     ::close(fd);
@@ -226,17 +238,22 @@ void DirectHub::Serve(int fd) {
     ::close(fd);
     return;
   }
-  PeerId peer;
+  Pending offered;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     auto offer = offers_.find(hello.token());
     if (offer != offers_.end()) {
-      if (offer->second.expiry > Clock::now()) peer = offer->second.peer;
+      if (offer->second.expiry > Clock::now()) offered = std::move(offer->second);
       offers_.erase(offer);  // single use, whatever happens next
     }
   }
+  const PeerId peer = offered.peer;
   if (peer == PeerId()) {
+    // In the clear even with encryption: whoever holds no valid token holds no key either.
     return refuse(Status(StatusCode::kPermissionDenied, "unknown or expired direct stream token"));
+  }
+  if (offered.cipher != wire::DIRECT_PLAIN) {
+    cipher = std::make_shared<DirectCipher>(offered.cipher, offered.key, /*caller=*/false);
   }
   StreamHandler handler = hooks_.handler_for(hello.method());
   if (!handler) {
@@ -258,15 +275,15 @@ void DirectHub::Serve(int fd) {
       hello.timeout_ms() > 0 ? Milliseconds(hello.timeout_ms()) : options_.default_call_timeout;
   const DirectStream::Settings settings = SettingsFor(timeout, /*we_called=*/false);
   auto stream = std::make_shared<DirectStream>(peer, settings, threads_);
-  Status acked =
-      WriteAck(fd, Status::Ok(), std::min(settings.deadline, Clock::now() + kHelloTimeout));
+  Status acked = WriteAck(fd, Status::Ok(),
+                          std::min(settings.deadline, Clock::now() + kHelloTimeout), cipher.get());
   bool started = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     handshakes_.erase(fd);
   }
   if (acked.ok() && Track(stream)) {
-    started = stream->Start(fd);  // owns fd from here on
+    started = stream->Start(fd, cipher);  // owns fd from here on
   } else {
     ::close(fd);
   }
@@ -323,7 +340,10 @@ void DirectHub::Dial(const std::shared_ptr<DirectStream>& stream, const PeerAddr
   }
   if (endpoint == nullptr) return divert(false);  // reached through an existing link only
 
-  Future<Message> asked = hooks_.call(peer, kDirectOfferMethod, Message(), CallOptions{timeout});
+  wire::DirectAsk ask;
+  ask.set_aes256gcm(DirectCipher::AesAvailable());
+  Future<Message> asked =
+      hooks_.call(peer, kDirectOfferMethod, Message(ask.SerializeAsString()), CallOptions{timeout});
   stream->SetSetupCanceller([asked] { asked.Cancel(); });
   const Result<Message>& answer = asked.Wait();
   if (!answer.ok()) {
@@ -334,6 +354,17 @@ void DirectHub::Dial(const std::shared_ptr<DirectStream>& stream, const PeerAddr
   }
   wire::DirectOffer offer;
   if (!offer.ParseFromString(answer->header) || offer.port() == 0 || offer.port() > 65535) {
+    return divert(true);
+  }
+  // Never in the clear when this node encrypts, nor with a cipher this CPU cannot run.
+  std::shared_ptr<DirectCipher> cipher;
+  if (options_.encryption) {
+    const bool runnable =
+        offer.cipher() == wire::DIRECT_CHACHA20POLY1305 ||
+        (offer.cipher() == wire::DIRECT_AES256GCM && DirectCipher::AesAvailable());
+    if (!runnable || offer.key().size() != DirectCipher::kKeyBytes) return divert(true);
+    cipher = std::make_shared<DirectCipher>(offer.cipher(), offer.key(), /*caller=*/true);
+  } else if (offer.cipher() != wire::DIRECT_PLAIN) {
     return divert(true);
   }
   const auto setup_deadline = std::min(deadline, Clock::now() + options_.connect_timeout);
@@ -365,8 +396,8 @@ void DirectHub::Dial(const std::shared_ptr<DirectStream>& stream, const PeerAddr
   wire::DirectFrame ack;
   Status handshake = WriteDirectFrame(fd, hello, {}, setup_deadline);
   if (handshake.ok()) {
-    handshake =
-        ReadDirectFrame(fd, MaxDirectFrameBytes(options_.max_header_bytes), setup_deadline, &ack);
+    handshake = ReadDirectFrame(fd, MaxDirectFrameBytes(options_.max_header_bytes), setup_deadline,
+                                &ack, nullptr, cipher.get());
   }
   if (handshake.ok() && ack.kind() != wire::DIRECT_ACK) {
     handshake = Status(StatusCode::kProtocolError, "expected a direct stream ack");
@@ -374,7 +405,7 @@ void DirectHub::Dial(const std::shared_ptr<DirectStream>& stream, const PeerAddr
   Status refused = handshake.ok() ? FromWire(ack.status()) : handshake;
   release();
   if (refused.ok()) {
-    stream->Start(fd);  // owns fd from here on
+    stream->Start(fd, cipher);  // owns fd from here on
     return;
   }
   ::close(fd);

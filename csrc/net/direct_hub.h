@@ -1,6 +1,7 @@
 // The direct streams of one node (CallOptions::direct, docs/transport.md): the listener that
 // serves them, the single-use offers that admit a caller to it, the dialing of outbound ones, and
-// the threads and streams to stop at shutdown. Exists only on a node without encryption.
+// the threads and streams to stop at shutdown. Between nodes with encryption every byte after the
+// hello is sealed with a key sent in the offer (direct_cipher.h).
 #pragma once
 
 #include <functional>
@@ -40,9 +41,9 @@ class DirectHub {
                                                   const std::string& listen_host, Hooks hooks);
   ~DirectHub();
 
-  // The answer to kDirectOfferMethod from `caller`: a port and a token only `caller` may use, once,
-  // within a few seconds.
-  Result<Message> Offer(const PeerId& caller);
+  // The answer to kDirectOfferMethod (`request`: a wire::DirectAsk) from `caller`: a port and a
+  // token only `caller` may use, once, within a few seconds; with encryption, the stream's key.
+  Result<Message> Offer(const PeerId& caller, const Message& request);
   // A stream that dials in the background and falls back to an ordinary one when it must.
   std::shared_ptr<Stream> Open(const PeerAddress& peer, const std::string& method,
                                Milliseconds timeout);
@@ -54,6 +55,8 @@ class DirectHub {
   struct Pending {
     PeerId peer;
     Clock::time_point expiry;
+    std::string key;  // with encryption
+    wire::DirectCipherKind cipher = wire::DIRECT_PLAIN;
   };
 
   DirectHub(const NodeOptions& options, Hooks hooks);

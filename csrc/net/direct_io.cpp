@@ -43,19 +43,10 @@ size_t MaxDirectFrameBytes(size_t max_header_bytes) {
   return max_header_bytes + 11 * kMaxPayloadsPerMessage + 4096;
 }
 
-Status WriteDirectFrame(int fd, const wire::DirectFrame& frame,
-                        const std::vector<Payload>& payloads, DirectClock::time_point deadline) {
-  std::string head(4, '\0');
-  const auto size = static_cast<uint32_t>(frame.ByteSizeLong());
-  for (int i = 0; i < 4; ++i) head[i] = static_cast<char>((size >> (8 * i)) & 0xff);
-  if (!frame.AppendToString(&head)) {
-    return Status(StatusCode::kInternal, "a direct frame did not serialize");
-  }
-  std::vector<iovec> pieces;
-  pieces.push_back(iovec{head.data(), head.size()});
-  for (const Payload& payload : payloads) {
-    if (payload.size() > 0) pieces.push_back(iovec{payload.mutable_data(), payload.size()});
-  }
+namespace {
+
+// Sends every byte of `pieces` by `deadline`.
+Status SendAll(int fd, std::vector<iovec> pieces, DirectClock::time_point deadline) {
   size_t next = 0;  // first piece not fully written
   while (next < pieces.size()) {
     msghdr message{};
@@ -75,6 +66,75 @@ Status WriteDirectFrame(int fd, const wire::DirectFrame& frame,
       pieces[next].iov_base = static_cast<char*>(pieces[next].iov_base) + left;
       pieces[next].iov_len -= left;
     }
+  }
+  return Status::Ok();
+}
+
+// Appends `size` bytes of `data` sealed as one record (ciphertext, then tag) to `out`.
+void AppendSealed(DirectCipher& cipher, const uint8_t* data, size_t size, std::string& out) {
+  const size_t at = out.size();
+  out.resize(at + size + DirectCipher::kTagBytes);
+  auto* target = reinterpret_cast<uint8_t*>(out.data()) + at;
+  cipher.Seal(data, size, target, target + size);
+}
+
+Status Unsealable() {
+  return Status(StatusCode::kPermissionDenied,
+                "a direct stream record did not authenticate (altered, replayed, or another key)");
+}
+
+// Reads one record of `size` bytes into `data` and opens it there.
+Status ReadSealed(int fd, uint8_t* data, size_t size, DirectClock::time_point deadline,
+                  DirectCipher& cipher, bool* closed_before_any = nullptr) {
+  Status status = ReadExactly(fd, data, size, deadline, closed_before_any);
+  uint8_t tag[DirectCipher::kTagBytes];
+  if (status.ok()) status = ReadExactly(fd, tag, sizeof(tag), deadline);
+  if (!status.ok()) return status;
+  return cipher.Open(data, size, tag) ? Status::Ok() : Unsealable();
+}
+
+}  // namespace
+
+Status WriteDirectFrame(int fd, const wire::DirectFrame& frame,
+                        const std::vector<Payload>& payloads, DirectClock::time_point deadline,
+                        DirectCipher* cipher) {
+  std::string body;
+  if (!frame.SerializeToString(&body)) {
+    return Status(StatusCode::kInternal, "a direct frame did not serialize");
+  }
+  uint8_t length[4];
+  const auto size = static_cast<uint32_t>(body.size());
+  for (int i = 0; i < 4; ++i) length[i] = static_cast<uint8_t>((size >> (8 * i)) & 0xff);
+  if (cipher == nullptr) {
+    std::vector<iovec> pieces = {iovec{length, sizeof(length)}, iovec{body.data(), body.size()}};
+    for (const Payload& payload : payloads) {
+      if (payload.size() > 0) pieces.push_back(iovec{payload.mutable_data(), payload.size()});
+    }
+    return SendAll(fd, std::move(pieces), deadline);
+  }
+  std::string head;
+  AppendSealed(*cipher, length, sizeof(length), head);
+  AppendSealed(*cipher, reinterpret_cast<const uint8_t*>(body.data()), body.size(), head);
+  Status status = SendAll(fd, {iovec{head.data(), head.size()}}, deadline);
+  std::vector<uint8_t>& sealed = cipher->seal_buffer();
+  for (const Payload& payload : payloads) {
+    for (size_t at = 0; status.ok() && at < payload.size(); at += DirectCipher::kRecordBytes) {
+      const size_t n = std::min(DirectCipher::kRecordBytes, payload.size() - at);
+      sealed.resize(std::max(sealed.size(), n + DirectCipher::kTagBytes));
+      cipher->Seal(payload.data() + at, n, sealed.data(), sealed.data() + n);
+      status = SendAll(fd, {iovec{sealed.data(), n + DirectCipher::kTagBytes}}, deadline);
+    }
+  }
+  return status;
+}
+
+Status ReadDirectPayload(int fd, uint8_t* data, size_t size, DirectClock::time_point deadline,
+                         DirectCipher* cipher) {
+  if (cipher == nullptr) return ReadExactly(fd, data, size, deadline);
+  for (size_t at = 0; at < size; at += DirectCipher::kRecordBytes) {
+    Status status = ReadSealed(fd, data + at, std::min(DirectCipher::kRecordBytes, size - at),
+                               deadline, *cipher);
+    if (!status.ok()) return status;
   }
   return Status::Ok();
 }
@@ -103,9 +163,11 @@ Status ReadExactly(int fd, void* data, size_t size, DirectClock::time_point dead
 }
 
 Status ReadDirectFrame(int fd, size_t max_frame_bytes, DirectClock::time_point deadline,
-                       wire::DirectFrame* frame, bool* closed_before_any) {
+                       wire::DirectFrame* frame, bool* closed_before_any, DirectCipher* cipher) {
   unsigned char head[4];
-  Status status = ReadExactly(fd, head, sizeof(head), deadline, closed_before_any);
+  Status status = cipher == nullptr
+                      ? ReadExactly(fd, head, sizeof(head), deadline, closed_before_any)
+                      : ReadSealed(fd, head, sizeof(head), deadline, *cipher, closed_before_any);
   if (!status.ok()) return status;
   const uint32_t size = static_cast<uint32_t>(head[0]) | (static_cast<uint32_t>(head[1]) << 8) |
                         (static_cast<uint32_t>(head[2]) << 16) |
@@ -117,7 +179,9 @@ Status ReadDirectFrame(int fd, size_t max_frame_bytes, DirectClock::time_point d
                       std::to_string(max_frame_bytes) + " for this node's max_header_bytes)");
   }
   std::string bytes(size, '\0');
-  status = ReadExactly(fd, bytes.data(), size, deadline);
+  auto* data = reinterpret_cast<uint8_t*>(bytes.data());
+  status = cipher == nullptr ? ReadExactly(fd, data, size, deadline)
+                             : ReadSealed(fd, data, size, deadline, *cipher);
   if (!status.ok()) return status;
   if (!frame->ParseFromString(bytes)) {
     return Status(StatusCode::kProtocolError, "a direct frame that does not parse");

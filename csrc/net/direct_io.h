@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "net/direct_cipher.h"
 #include "net/message.h"
 #include "proto/transport.pb.h"
 
@@ -22,8 +23,11 @@ size_t MaxDirectFrameBytes(size_t max_header_bytes);
 
 // Writes `frame` ([u32 little-endian length][frame]) and then every payload's bytes, all of them,
 // by `deadline`. kUnavailable when the connection fails, kDeadlineExceeded when it is too slow.
+// With a `cipher`, as AEAD records instead: the length, the frame, then each payload in records of
+// at most DirectCipher::kRecordBytes, each followed by its tag.
 Status WriteDirectFrame(int fd, const wire::DirectFrame& frame,
-                        const std::vector<Payload>& payloads, DirectClock::time_point deadline);
+                        const std::vector<Payload>& payloads, DirectClock::time_point deadline,
+                        DirectCipher* cipher = nullptr);
 
 // Reads `size` bytes into `data` by `deadline`. `*closed_before_any` (when given) says whether
 // the peer closed the connection before the first byte: a clean end between frames.
@@ -33,7 +37,13 @@ Status ReadExactly(int fd, void* data, size_t size, DirectClock::time_point dead
 // Reads the next frame (not its payloads) by `deadline`; kResourceExhausted for a frame longer
 // than `max_frame_bytes`, kProtocolError for one that does not parse.
 Status ReadDirectFrame(int fd, size_t max_frame_bytes, DirectClock::time_point deadline,
-                       wire::DirectFrame* frame, bool* closed_before_any = nullptr);
+                       wire::DirectFrame* frame, bool* closed_before_any = nullptr,
+                       DirectCipher* cipher = nullptr);
+
+// Reads one payload of `size` bytes that follows a frame into `data`; kPermissionDenied (with a
+// `cipher`) for a record that does not open.
+Status ReadDirectPayload(int fd, uint8_t* data, size_t size, DirectClock::time_point deadline,
+                         DirectCipher* cipher = nullptr);
 
 // A non-blocking TCP connection to host:port (IPv4 or IPv6 literal) by `deadline`; the socket,
 // or why not.

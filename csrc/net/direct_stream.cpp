@@ -37,7 +37,7 @@ std::shared_ptr<Stream> DirectStream::fallback() const {
   return fallback_;
 }
 
-bool DirectStream::Start(int fd) {
+bool DirectStream::Start(int fd, std::shared_ptr<DirectCipher> cipher) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     setup_canceller_ = nullptr;
@@ -46,6 +46,7 @@ bool DirectStream::Start(int fd) {
       return false;
     }
     fd_ = fd;
+    cipher_ = std::move(cipher);
     started_ = true;
     threads_running_ = 2;
   }
@@ -248,7 +249,8 @@ void DirectStream::RunWriter() {
       frame.set_header(std::move(next->message->header));
       for (const Payload& payload : next->message->payloads)
         frame.add_payload_sizes(payload.size());
-      Status sent = WriteDirectFrame(fd_, frame, next->message->payloads, settings_.deadline);
+      Status sent =
+          WriteDirectFrame(fd_, frame, next->message->payloads, settings_.deadline, cipher_.get());
       next->message.reset();  // the payloads may be released now
       if (sent.ok()) {
         next->promise.Set(Empty{});
@@ -267,7 +269,7 @@ void DirectStream::RunWriter() {
     }
     auto deadline = farewell ? std::min(settings_.deadline, DirectClock::now() + kFarewellTimeout)
                              : settings_.deadline;
-    Status sent = WriteDirectFrame(fd_, frame, {}, deadline);
+    Status sent = WriteDirectFrame(fd_, frame, {}, deadline, cipher_.get());
     if (farewell) {
       ::shutdown(fd_, SHUT_RDWR);
     } else if (!sent.ok()) {
@@ -340,8 +342,8 @@ void DirectStream::RunReader() {
     }
     wire::DirectFrame frame;
     bool closed_between_frames = false;
-    Status status =
-        ReadDirectFrame(fd_, max_frame, settings_.deadline, &frame, &closed_between_frames);
+    Status status = ReadDirectFrame(fd_, max_frame, settings_.deadline, &frame,
+                                    &closed_between_frames, cipher_.get());
     Message message;
     if (status.ok() && frame.kind() == wire::DIRECT_DATA) {
       size_t total = frame.header().size();
@@ -356,7 +358,8 @@ void DirectStream::RunReader() {
         message.header = std::move(*frame.mutable_header());
         for (uint64_t size : frame.payload_sizes()) {
           Payload payload = settings_.buffers->Take(size);
-          status = ReadExactly(fd_, payload.mutable_data(), size, settings_.deadline);
+          status = ReadDirectPayload(fd_, payload.mutable_data(), size, settings_.deadline,
+                                     cipher_.get());
           if (!status.ok()) break;
           message.payloads.push_back(std::move(payload));
         }

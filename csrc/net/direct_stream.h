@@ -17,6 +17,7 @@
 
 #include "common/future.h"
 #include "common/thread_set.h"
+#include "net/direct_cipher.h"
 #include "net/node.h"
 #include "net/payload_recycler.h"
 #include "net/wire.h"
@@ -38,9 +39,10 @@ class DirectStream : public Stream, public std::enable_shared_from_this<DirectSt
   DirectStream(PeerId peer, Settings settings, std::shared_ptr<ThreadSet> threads);
   ~DirectStream() override;  // closes the socket
 
-  // Runs the stream on `fd` (connected, non-blocking, handshake done; owned from now on): starts
-  // the reader and the writer. False (and `fd` closed) if the stream failed meanwhile.
-  bool Start(int fd);
+  // Runs the stream on `fd` (connected, non-blocking, handshake done; owned from now on), sealing
+  // its records with `cipher` when there is one: starts the reader and the writer. False (and `fd`
+  // closed) if the stream failed meanwhile.
+  bool Start(int fd, std::shared_ptr<DirectCipher> cipher);
   // Before Start (setup failed in a way an ordinary stream may not): everything written, read,
   // closed or cancelled so far, and from now on, goes to `fallback`.
   void Divert(std::shared_ptr<Stream> fallback);
@@ -86,7 +88,8 @@ class DirectStream : public Stream, public std::enable_shared_from_this<DirectSt
   const std::shared_ptr<ThreadSet> threads_;  // where Start runs the reader and the writer
   const std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
   std::atomic<bool> started_{false};
-  int fd_ = -1;  // set once by Start, closed by the destructor only
+  int fd_ = -1;                           // set once by Start, closed by the destructor only
+  std::shared_ptr<DirectCipher> cipher_;  // set once by Start
 
   mutable std::mutex mutex_;
   std::condition_variable writer_cv_;  // writes queued, close requested, failure

@@ -57,8 +57,8 @@ struct NodeOptions {
   // Threads running unary handlers and completion callbacks.
   int worker_threads = 2;
   // Serve and open direct streams (CallOptions::direct): bulk streams on a TCP connection of
-  // their own, beside the ZeroMQ link (docs/transport.md). Only without encryption: a node with
-  // encryption serves none and opens none (its direct streams run as ordinary ones).
+  // their own, beside the ZeroMQ link (docs/transport.md). With encryption their bytes travel in
+  // AEAD records keyed through the encrypted link (AES-256-GCM or ChaCha20-Poly1305).
   bool direct_streams = true;
 };
 
@@ -122,6 +122,8 @@ class Node {
   // Where others can reach this node (announce addresses if set, else the bound listen addresses);
   // each ends in /p2p/<peer id>. Empty in client mode.
   virtual PeerAddress visible_address() const = 0;
+  // Whether its links and direct streams are encrypted (NodeOptions::encryption).
+  virtual bool encrypted() const = 0;
 
   // Methods can be registered at any time; registering a name twice replaces the handler.
   virtual void RegisterUnary(const std::string& method, UnaryHandler handler) = 0;

@@ -164,7 +164,7 @@ Status NodeImpl::Open() {
 }
 
 Status NodeImpl::StartDirectStreams() {
-  if (!options_.direct_streams || options_.encryption) return Status::Ok();
+  if (!options_.direct_streams) return Status::Ok();
   // Served on the first IPv4 listen address (0.0.0.0 included), at a port of its own.
   std::string host;
   if (!options_.client_mode && !options_.listen_addresses.empty()) {
@@ -192,9 +192,10 @@ Status NodeImpl::StartDirectStreams() {
     return hub.status();
   }
   direct_ = std::move(hub).value();
-  RegisterUnary(kDirectOfferMethod, [this](const CallContext& context, Message, Responder respond) {
-    respond(direct_->Offer(context.peer));
-  });
+  RegisterUnary(kDirectOfferMethod,
+                [this](const CallContext& context, Message request, Responder respond) {
+                  respond(direct_->Offer(context.peer, request));
+                });
   return Status::Ok();
 }
 

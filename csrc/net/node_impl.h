@@ -33,6 +33,7 @@ class NodeImpl : public Node, public StreamTransport {
   const PeerId& peer_id() const override { return identity_.peer_id(); }
   const Identity& identity() const override { return identity_; }
   PeerAddress visible_address() const override { return visible_; }
+  bool encrypted() const override { return options_.encryption; }
   void RegisterUnary(const std::string& method, UnaryHandler handler) override;
   void RegisterStream(const std::string& method, StreamHandler handler) override;
   Future<Message> Call(const PeerAddress& peer, const std::string& method, Message request,

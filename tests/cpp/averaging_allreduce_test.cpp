@@ -370,10 +370,16 @@ TEST(AllReduce, EncryptedLinksWithDefaultPartSize) {
   // Spans several default-sized parts per share.
   auto inputs = RandomInputs(3, 3 * kDefaultPartElements + 12345, rng);
   std::vector<float> weights = {1.0f, 2.0f, 0.5f};
-  Group group = MakeGroup(peers, modes, "encrypted");
-  AllReduceOptions options = FastOptions(kDefaultPartElements);
-  auto outcome = RunRound(peers, group, inputs, weights, std::vector<AllReduceOptions>(3, options));
-  ExpectConsistentMeans(group, outcome, inputs, weights, AllIndices(3));
+  // Over the CURVE links, then on sealed direct streams (keyed through those links).
+  for (size_t direct_stream_bytes : {size_t{0}, size_t{1}}) {
+    SCOPED_TRACE("direct_stream_bytes=" + std::to_string(direct_stream_bytes));
+    Group group = MakeGroup(peers, modes, "encrypted-" + std::to_string(direct_stream_bytes));
+    AllReduceOptions options = FastOptions(kDefaultPartElements);
+    options.direct_stream_bytes = direct_stream_bytes;
+    auto outcome =
+        RunRound(peers, group, inputs, weights, std::vector<AllReduceOptions>(3, options));
+    ExpectConsistentMeans(group, outcome, inputs, weights, AllIndices(3));
+  }
 }
 
 TEST(AllReduce, ClientAndAuxiliaryMembersAndBandwidthShares) {
@@ -871,7 +877,8 @@ TEST(AllReduceChaos, SurvivorsAgreeWhenOnePeerDies) {
     int n = 4 + static_cast<int>(rng() % 5);
     std::vector<MemberMode> modes(n, MemberMode::kNormal);
     if (trial % 4 == 3) modes[rng() % n] = MemberMode::kClient;
-    auto peers = StartPeers(modes, /*encryption=*/false, /*lenient_transport=*/true);
+    // One trial in five with encryption: sealed direct streams must break as surely.
+    auto peers = StartPeers(modes, /*encryption=*/trial % 5 == 4, /*lenient_transport=*/true);
     ASSERT_EQ(peers.size(), static_cast<size_t>(n));
     size_t size = 200 + rng() % 2000;
     auto inputs = RandomInputs(n, size, rng);

@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "net/direct_cipher.h"
 #include "net/node.h"
 #include "proto/transport.pb.h"
 #include "test_util.h"
@@ -411,12 +412,76 @@ TEST_F(DirectStreamTest, ClientWithoutDirectStreamsOpensAnOrdinaryStream) {
   EXPECT_TRUE(RanAsAnOrdinaryStream(*stream, echo_handlers_, direct_echo_handlers_));
 }
 
-TEST_F(DirectStreamTest, EncryptedNodesRunDirectStreamsAsOrdinaryOnes) {
+// With encryption the offer carries a key (over the CURVE link) and every byte after the hello is
+// sealed: messages of several records each come back intact, and nothing readable is on the wire.
+TEST_F(DirectStreamTest, EncryptedNodesRunSealedDirectStreams) {
   StartNodes(TestNodeOptions(), TestNodeOptions());  // encryption on, direct_streams left on
-  auto offer = Await(client_->Call(server_->visible_address(), "net.v1.direct", Message()));
-  EXPECT_FALSE(offer.ok()) << "a server with encryption made an offer";
+  auto offer = AskForOffer();
+  ASSERT_TRUE(offer.ok()) << offer.status().ToString();
+  EXPECT_EQ(offer->key().size(), DirectCipher::kKeyBytes);
+  EXPECT_NE(offer->cipher(), wire::DIRECT_PLAIN);
   auto stream = OpenDirect("echo_stream");
-  EXPECT_TRUE(RanAsAnOrdinaryStream(*stream, echo_handlers_, direct_echo_handlers_));
+  // 2.5 records, an empty payload, and a record boundary exactly at the end.
+  const std::vector<Sample> samples = {{"header in the clear?", {PatternString(5 * kMiB / 2, 9)}},
+                                       {"", {""}},
+                                       {"exact", {PatternString(DirectCipher::kRecordBytes, 10)}}};
+  for (const auto& sample : samples) ASSERT_TRUE(Await(stream->Write(sample.ToMessage())).ok());
+  stream->CloseWrite();
+  auto echoed = ReadAll(*stream);
+  ASSERT_TRUE(echoed.ok()) << echoed.status().ToString();
+  ASSERT_EQ(echoed->size(), samples.size());
+  for (size_t i = 0; i < samples.size(); ++i) {
+    EXPECT_EQ(Difference((*echoed)[i], samples[i]), "") << "message " << i;
+  }
+  EXPECT_TRUE(stream->direct());
+  EXPECT_EQ(direct_echo_handlers_.load(), 1);
+}
+
+// Records open only once, in order, under their key, in the direction they were sealed.
+TEST(DirectCipherTest, RecordsOpenOnlyAsSealed) {
+  std::vector<wire::DirectCipherKind> kinds = {wire::DIRECT_CHACHA20POLY1305};
+  if (DirectCipher::AesAvailable()) kinds.push_back(wire::DIRECT_AES256GCM);
+  for (auto kind : kinds) {
+    SCOPED_TRACE(wire::DirectCipherKind_Name(kind));
+    const std::string key = DirectCipher::NewKey();
+    const std::string plain = PatternString(3000, 1);
+    auto sealed_record = [](DirectCipher& cipher, const std::string& text) {
+      std::string record(text.size() + DirectCipher::kTagBytes, '\0');
+      auto* out = reinterpret_cast<uint8_t*>(record.data());
+      cipher.Seal(reinterpret_cast<const uint8_t*>(text.data()), text.size(), out,
+                  out + text.size());
+      return record;
+    };
+    auto open = [](DirectCipher& cipher, std::string record) {
+      const size_t size = record.size() - DirectCipher::kTagBytes;
+      auto* data = reinterpret_cast<uint8_t*>(record.data());
+      if (!cipher.Open(data, size, data + size)) return std::string("<refused>");
+      return record.substr(0, size);
+    };
+    DirectCipher caller(kind, key, /*caller=*/true);
+    DirectCipher callee(kind, key, /*caller=*/false);
+    std::string first = sealed_record(caller, plain);
+    std::string second = sealed_record(caller, plain);
+    EXPECT_EQ(first.find(plain.substr(0, 64)), std::string::npos) << "the record is not sealed";
+    EXPECT_NE(first, second) << "two records under one nonce";
+    EXPECT_EQ(open(callee, first), plain);
+    EXPECT_EQ(open(callee, first), "<refused>") << "a replayed record opened";
+    // That failed attempt used up the second record's number: a receiver gives up on a stream
+    // at the first record that does not open, so this only checks that nothing opens twice.
+    DirectCipher fresh(kind, key, /*caller=*/false);
+    EXPECT_EQ(open(fresh, second), "<refused>") << "a record opened out of order";
+
+    DirectCipher sender(kind, key, true), receiver(kind, key, false);
+    std::string altered = sealed_record(sender, plain);
+    altered[10] ^= 1;
+    EXPECT_EQ(open(receiver, altered), "<refused>") << "an altered record opened";
+    DirectCipher other_key(kind, DirectCipher::NewKey(), false);
+    DirectCipher sender2(kind, key, true);
+    EXPECT_EQ(open(other_key, sealed_record(sender2, plain)), "<refused>");
+    // A record sealed by the callee cannot be passed off as the caller's (nor reflected back).
+    DirectCipher callee2(kind, key, false), callee3(kind, key, false);
+    EXPECT_EQ(open(callee3, sealed_record(callee2, plain)), "<refused>");
+  }
 }
 
 TEST_F(DirectStreamTest, StreamPastItsDeadlineFailsWithDeadlineExceeded) {
@@ -863,6 +928,27 @@ TEST_F(DirectStreamTest, ManyDirectStreamsAtOnceStayApart) {
   }
   EXPECT_EQ(echo_handlers_.load(), kStreams);
   EXPECT_EQ(direct_echo_handlers_.load(), kStreams);
+}
+
+// A rogue that stole a token (it travels in the clear) holds no key: the node's sealed ACK means
+// nothing to it, and the first record it sends that does not open fails the stream and closes the
+// connection.
+TEST_F(DirectStreamTest, EncryptedStreamsRefuseFramesThatAreNotSealed) {
+  StartNodes(TestNodeOptions(), TestNodeOptions());
+  auto offer = AskForOffer();
+  ASSERT_TRUE(offer.ok()) << offer.status().ToString();
+  RawDirectConnection rogue(offer->port());
+  ASSERT_TRUE(rogue.ok());
+  ASSERT_TRUE(rogue.SendFrame(HelloFrame(offer->token())));
+  wire::DirectFrame data;
+  data.set_kind(wire::DIRECT_DATA);
+  data.set_header("unsealed");
+  rogue.SendFrame(data);
+  rogue.SendBytes(std::string(64, 'x'));  // enough for a whole record: it must not open
+  EXPECT_TRUE(rogue.ClosedWithin(kRefusalWait)) << "the node kept a connection with no key";
+  auto stream = OpenDirect("echo_stream");
+  EXPECT_TRUE(EchoWorks(*stream));
+  EXPECT_TRUE(stream->direct());
 }
 
 }  // namespace
