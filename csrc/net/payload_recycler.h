@@ -51,11 +51,6 @@ class PayloadRecycler : public std::enable_shared_from_this<PayloadRecycler> {
     return Payload(data, size, std::move(owner));
   }
 
-  size_t kept_bytes() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return kept_bytes_;
-  }
-
  private:
   // One buffer: mapped when large, from the heap when small.
   class Buffer {
@@ -110,7 +105,7 @@ class PayloadRecycler : public std::enable_shared_from_this<PayloadRecycler> {
   }
 
   const size_t max_bytes_;
-  mutable std::mutex mutex_;
+  std::mutex mutex_;
   size_t kept_bytes_ = 0;
   std::vector<Buffer> kept_;
 };

@@ -294,15 +294,14 @@ std::vector<std::optional<Result<SharedMean>>> RunSharedRound(std::vector<Peer>&
 // Whether, before `limit`, every peer's service released all its rounds.
 bool RoundsReleasedWithin(const std::vector<Peer>& peers, const std::vector<int>& members,
                           Milliseconds limit) {
-  const auto deadline = Clock::now() + limit;
-  while (true) {
-    bool released = true;
-    for (int i : members) released = released && peers[i].service->kept_rounds() == 0;
-    if (released) return true;
-    if (Clock::now() >= deadline) return false;
-    // Polls the condition, leaving the cores to the peers whose notices it waits for.
-    std::this_thread::sleep_for(Milliseconds(1));
-  }
+  return test::WaitUntil(
+      [&] {
+        for (int i : members) {
+          if (peers[i].service->kept_rounds() != 0) return false;
+        }
+        return true;
+      },
+      limit);
 }
 
 // Once every member has said it is done (DONE notices), a round is released at once rather than
