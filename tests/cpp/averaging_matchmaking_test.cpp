@@ -490,7 +490,10 @@ class BusyLeaderTest : public ::testing::Test {
   // ReleaseLeader(); then `followers` more peers start searching.
   void StartLeaderInASlowReadThenFollowers(const MatchmakingOptions& options, int followers) {
     results_.resize(1 + followers);
-    threads_.emplace_back([this, options] { results_[0] = matchmakers_[0]->FormGroup(options); });
+    // Threads get their matchmaker's pointer, never an element of matchmakers_, which the loop
+    // below grows (and may move) while they run.
+    Matchmaker* leader = matchmakers_[0].get();
+    threads_.emplace_back([this, leader, options] { results_[0] = leader->FormGroup(options); });
     ASSERT_TRUE(world_.WaitUntil([&] { return world_.LiveSubkeys(options.group_key) == 1; },
                                  milliseconds(5000)));
     busy_leader_->gated = true;
@@ -498,8 +501,9 @@ class BusyLeaderTest : public ::testing::Test {
     for (int i = 1; i <= followers; ++i) {
       follower_envs_.push_back(world_.AddPeer());
       matchmakers_.push_back(std::make_unique<Matchmaker>(follower_envs_.back()));
+      Matchmaker* follower = matchmakers_.back().get();
       threads_.emplace_back(
-          [this, i, options] { results_[i] = matchmakers_[i]->FormGroup(options); });
+          [this, i, follower, options] { results_[i] = follower->FormGroup(options); });
     }
   }
 
