@@ -138,6 +138,11 @@ struct Source {
 
 enum class PartState : uint8_t { kWaiting, kReducing, kDone, kAbandoned };
 
+// A RESULT read by a direct stream's reader straight into the part's range of results_ (see
+// Round::PlaceResult): at most once per part and round, so nothing else writes that range
+// while a read into it runs, and a reducer cannot overwrite a part it already delivered.
+enum class Placement : uint8_t { kNone, kReceiving, kReceived, kNonFinite, kBroken };
+
 // The reduction of one share at one chain position (0: the original reducer; >0: a backup).
 struct Reduction {
   int share = -1;
@@ -265,6 +270,7 @@ class Round : public std::enable_shared_from_this<Round> {
     start_ = Clock::now();
     deadline_ = start_ + options.timeout;
     view_.resize(partition_.parts().size());
+    placement_.assign(partition_.parts().size(), Placement::kNone);
     owner_pos_.assign(n_, 0);
     progress_.assign(n_, start_);
   }
@@ -330,10 +336,12 @@ class Round : public std::enable_shared_from_this<Round> {
     }
     return true;
   }
-  // Whether a reduction of this member's own share may be writing part p's range of results_ now
-  // (any part, for kAnyPart): it writes without the lock, so nothing else may touch that range.
+  // Whether a reduction of this member's own share, or a placed read of a result, may be writing
+  // part p's range of results_ now (any part, for kAnyPart): they write without the lock, so
+  // nothing else may touch that range.
   static constexpr size_t kAnyPart = static_cast<size_t>(-1);
   bool ResultsBeingWrittenLocked(size_t p) const {
+    if (p == kAnyPart ? receiving_ > 0 : placement_[p] == Placement::kReceiving) return true;
     if (!results_ || share_results_ != results_) return false;
     auto own = reductions_.find({me_, 0});
     if (own == reductions_.end()) return false;
@@ -381,6 +389,12 @@ class Round : public std::enable_shared_from_this<Round> {
   // (a later owner, or the part is already final). An error means the result was malformed.
   Status ApplyResultLocked(int share, size_t position, const wire::AveragingHeader& header,
                            const std::vector<Payload>& payloads);
+  // ReceivePlacer of the stream to `share`'s reducer: a RESULT for a part that is neither final
+  // nor placed before goes straight into results_ (no copy from a transport buffer), and is
+  // checked by the reader thread while it is in its cache.
+  std::shared_ptr<const net::ReceivePlacer> ResultPlacer(int share);
+  Payload PlaceResult(int share, const std::string& header_bytes, size_t index, size_t size);
+  void ResultPlaced(const Payload& buffer, bool complete, bool finite);
   void OwnerFailedLocked(int share, size_t position, const std::string& why, bool dead = false);
   void StartTakeoverLocked(int share, size_t position);
   void RunTakeover(std::shared_ptr<Reduction> reduction);
@@ -434,6 +448,8 @@ class Round : public std::enable_shared_from_this<Round> {
   std::mutex mutex_;
   std::condition_variable cv_;
   std::vector<PartView> view_;
+  std::vector<Placement> placement_;         // by part
+  size_t receiving_ = 0;                     // parts in Placement::kReceiving
   std::vector<size_t> owner_pos_;            // by share: the chain position this peer trusts
   std::vector<Clock::time_point> progress_;  // by share: last result or owner change
   std::set<int> dead_;                       // members known dead (not merely excluded)
@@ -762,17 +778,29 @@ Status Round::ApplyResultLocked(int share, size_t position, const wire::Averagin
   PartView& view = view_[header.part()];
   if (owner_pos_[share] != position || view.final) return Status::Ok();
   const Part& part = partition_.parts()[header.part()];
-  // Decoded into the round's pooled buffer, so the transport's buffer is freed now: received
-  // buffers held through the grace period made the allocator map and unmap fresh memory every
-  // round (a third of a 64 MiB round). Not where this member's own reduction of the part (a
-  // backup took its share over meanwhile) is still writing: GatherResults copies it in later.
-  Payload values = results_ && !ResultsBeingWrittenLocked(header.part())
-                       ? Payload(results_->data() + part.begin, part.size * sizeof(float), results_)
-                       : Payload::Allocate(part.size * sizeof(float));
-  float* target = reinterpret_cast<float*>(values.mutable_data());
-  Status decoded = header.raw() ? PartCodec().DecodeInto(payloads, part.begin, part.size, target)
-                                : codec_.DecodeInto(payloads, part.begin, part.size, target);
-  if (!decoded.ok()) return decoded;
+  Payload values;
+  if (results_ && payloads.size() == 1 &&
+      payloads[0].data() == reinterpret_cast<const uint8_t*>(results_->data() + part.begin)) {
+    // Read in place by PlaceResult, and checked by the reader (it delivers only complete reads).
+    if (placement_[header.part()] != Placement::kReceived) {
+      return Malformed("elements [" + std::to_string(part.begin) + ", " +
+                       std::to_string(part.begin + part.size) + ") have non-finite values");
+    }
+    values = payloads[0];
+  } else {
+    // Decoded into the round's pooled buffer, so the transport's buffer is freed now: received
+    // buffers held through the grace period made the allocator map and unmap fresh memory every
+    // round (a third of a 64 MiB round). Not where this member's own reduction of the part (a
+    // backup took its share over meanwhile) or a placed read is still writing: GatherResults
+    // copies it in later.
+    values = results_ && !ResultsBeingWrittenLocked(header.part())
+                 ? Payload(results_->data() + part.begin, part.size * sizeof(float), results_)
+                 : Payload::Allocate(part.size * sizeof(float));
+    float* target = reinterpret_cast<float*>(values.mutable_data());
+    Status decoded = header.raw() ? PartCodec().DecodeInto(payloads, part.begin, part.size, target)
+                                  : codec_.DecodeInto(payloads, part.begin, part.size, target);
+    if (!decoded.ok()) return decoded;
+  }
   view.final = true;
   view.values = std::move(values);
   view.contributors.assign(header.contributors().begin(), header.contributors().end());
@@ -780,6 +808,64 @@ Status Round::ApplyResultLocked(int share, size_t position, const wire::Averagin
   progress_[share] = Clock::now();
   cv_.notify_all();
   return Status::Ok();
+}
+
+std::shared_ptr<const net::ReceivePlacer> Round::ResultPlacer(int share) {
+  auto placer = std::make_shared<net::ReceivePlacer>();
+  // Weak: the stream holding the placer must not keep the round alive.
+  std::weak_ptr<Round> weak = weak_from_this();
+  // Whether the part being read is finite so far. The three run on the stream's reader thread,
+  // one part after the other, so this needs no lock.
+  auto finite = std::make_shared<bool>(true);
+  placer->place = [weak, share, finite](const std::string& header, size_t index, size_t size) {
+    *finite = true;
+    auto self = weak.lock();
+    return self ? self->PlaceResult(share, header, index, size) : Payload();
+  };
+  // Checked as the bytes arrive, while they are in the reader's cache: checking a whole 1 MiB
+  // part after its read cost 5-8 % of a 64 MiB round (docs/benchmarks.md).
+  placer->arrived = [finite](const uint8_t* data, size_t size) {
+    if (*finite) *finite = AllFinite(data, size / sizeof(float));
+  };
+  placer->placed = [weak, finite](const Payload& buffer, bool complete) {
+    if (auto self = weak.lock()) self->ResultPlaced(buffer, complete, *finite);
+  };
+  return placer;
+}
+
+Payload Round::PlaceResult(int share, const std::string& header_bytes, size_t index, size_t size) {
+  wire::AveragingHeader header;
+  if (index != 0 || !header.ParseFromString(header_bytes) || header.kind() != wire::RESULT ||
+      !CheckResult(header, share).ok()) {
+    return Payload();  // the usual path judges it
+  }
+  const size_t p = header.part();
+  const Part& part = partition_.parts()[p];
+  if (size != part.size * sizeof(float) || !(header.raw() || codec_.Raw(part.begin, part.size))) {
+    return Payload();
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!results_ || fatal_ || view_[p].final || owner_pos_[share] != 0 ||
+      placement_[p] != Placement::kNone || ResultsBeingWrittenLocked(p)) {
+    return Payload();
+  }
+  placement_[p] = Placement::kReceiving;
+  ++receiving_;
+  return Payload(results_->data() + part.begin, size, results_);
+}
+
+void Round::ResultPlaced(const Payload& buffer, bool complete, bool finite) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto begin = static_cast<size_t>(reinterpret_cast<const float*>(buffer.data()) -
+                                         results_->data());  // where PlaceResult put the part
+  const auto& parts = partition_.parts();
+  auto it = std::lower_bound(parts.begin(), parts.end(), begin,
+                             [](const Part& part, size_t at) { return part.begin < at; });
+  const size_t p = it - parts.begin();
+  placement_[p] =
+      !complete ? Placement::kBroken : (finite ? Placement::kReceived : Placement::kNonFinite);
+  --receiving_;
+  cv_.notify_all();
 }
 
 void Round::OwnerFailedLocked(int share, size_t position, const std::string& why, bool dead) {
@@ -1496,6 +1582,7 @@ void Round::OpenSenderStream(int share, const std::shared_ptr<Channel>& channel)
   call.direct = direct_bytes > 0 && ShareElements(share) * sizeof(float) >= direct_bytes;
   channel->owned = node_.OpenStream(group_.members[share].address, methods_[kAllReduce], call);
   channel->stream = channel->owned.get();
+  if (results_) channel->stream->SetReceivePlacer(ResultPlacer(share));
   channel->stream->Write(Encode(open));
   if (channel->withhold) {
     channel->stream->CloseWrite();
@@ -1799,8 +1886,21 @@ void Round::GiveBackInputLocked(std::vector<float>& data) {
 }
 
 void Round::GatherResults(std::unique_lock<std::mutex>& lock) {
-  // A reduction that lost its share to a backup may still be writing its (abandoned) values;
-  // the backup's must land after them. Pump notifies when a reduction ends.
+  // A reduction that lost its share to a backup may still be writing its (abandoned) values, and
+  // a reducer that was taken over may still be sending a result into results_ (its stream is
+  // cancelled now, every part being final); the final values must land after them. Pump and
+  // ResultPlaced notify when those end.
+  if (receiving_ > 0) {
+    std::vector<Stream*> stale;
+    for (size_t p = 0; p < placement_.size(); ++p) {
+      if (placement_[p] != Placement::kReceiving) continue;
+      auto channel = sender_channels_.find(partition_.parts()[p].share);
+      if (channel != sender_channels_.end()) stale.push_back(channel->second->stream);
+    }
+    lock.unlock();
+    for (Stream* stream : stale) stream->Cancel();
+    lock.lock();
+  }
   cv_.wait(lock, [this] { return !ResultsBeingWrittenLocked(kAnyPart); });
   // Only the ranges of parts whose values live elsewhere are written: nothing else reads or
   // writes those (results are decoded into results_ only for a part not final yet).

@@ -67,6 +67,11 @@ std::vector<PartCodec::Piece> PartCodec::Pieces(size_t begin, size_t count) cons
   return pieces;
 }
 
+bool PartCodec::Raw(size_t begin, size_t count) const {
+  std::vector<Piece> pieces = Pieces(begin, count);
+  return pieces.size() == 1 && pieces[0].spec.id == CodecId::kNone;
+}
+
 Result<std::vector<net::Payload>> PartCodec::Encode(const net::Payload& values,
                                                     size_t begin) const {
   const size_t count = values.size() / sizeof(float);

@@ -30,6 +30,8 @@ class PartCodec {
   static Result<PartCodec> Make(std::vector<CodecRange> ranges, size_t total_elements);
 
   bool lossless() const { return ranges_.empty(); }
+  // Whether elements [begin, begin + count) travel as one payload of raw float32.
+  bool Raw(size_t begin, size_t count) const;
   // Identifies the ranges (empty when lossless).
   const std::string& digest() const { return digest_; }
 

@@ -19,6 +19,10 @@
 namespace hivemind::net {
 namespace {
 
+// With an ArrivalObserver, payloads are received in slices of this many bytes, so that the
+// observer reads each one while it is still in the cache (a 1 MiB read would spill L2).
+constexpr size_t kArrivalSlice = size_t{256} << 10;
+
 Status Broken(const std::string& what) {
   return Status(StatusCode::kUnavailable, what + ": " + std::strerror(errno));
 }
@@ -129,25 +133,36 @@ Status WriteDirectFrame(int fd, const wire::DirectFrame& frame,
 }
 
 Status ReadDirectPayload(int fd, uint8_t* data, size_t size, DirectClock::time_point deadline,
-                         DirectCipher* cipher) {
-  if (cipher == nullptr) return ReadExactly(fd, data, size, deadline);
+                         DirectCipher* cipher, const ArrivalObserver* arrived) {
+  if (cipher == nullptr) return ReadExactly(fd, data, size, deadline, nullptr, arrived);
+  static_assert(DirectCipher::kRecordBytes % kArrivalAlignment == 0);
   for (size_t at = 0; at < size; at += DirectCipher::kRecordBytes) {
-    Status status = ReadSealed(fd, data + at, std::min(DirectCipher::kRecordBytes, size - at),
-                               deadline, *cipher);
+    const size_t record = std::min(DirectCipher::kRecordBytes, size - at);
+    Status status = ReadSealed(fd, data + at, record, deadline, *cipher);
     if (!status.ok()) return status;
+    if (arrived != nullptr) (*arrived)(data + at, record);  // only once it authenticated
   }
   return Status::Ok();
 }
 
 Status ReadExactly(int fd, void* data, size_t size, DirectClock::time_point deadline,
-                   bool* closed_before_any) {
+                   bool* closed_before_any, const ArrivalObserver* arrived) {
   if (closed_before_any != nullptr) *closed_before_any = false;
   auto* at = static_cast<char*>(data);
   size_t done = 0;
+  size_t reported = 0;  // bytes passed to `arrived`
   while (done < size) {
-    ssize_t got = ::recv(fd, at + done, size - done, MSG_DONTWAIT);
+    const size_t want = arrived != nullptr ? std::min(size - done, kArrivalSlice) : size - done;
+    ssize_t got = ::recv(fd, at + done, want, MSG_DONTWAIT);
     if (got > 0) {
       done += static_cast<size_t>(got);
+      if (arrived != nullptr) {
+        const size_t upto = done == size ? size : done - done % kArrivalAlignment;
+        if (upto > reported) {
+          (*arrived)(reinterpret_cast<const uint8_t*>(at) + reported, upto - reported);
+          reported = upto;
+        }
+      }
       continue;
     }
     if (got == 0) {

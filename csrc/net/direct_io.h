@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -29,10 +30,16 @@ Status WriteDirectFrame(int fd, const wire::DirectFrame& frame,
                         const std::vector<Payload>& payloads, DirectClock::time_point deadline,
                         DirectCipher* cipher = nullptr);
 
+// Told about the bytes of a payload as they arrive, while they are still in the reader's cache:
+// runs of `size` bytes at `data`, in order, that start and end at multiples of kArrivalAlignment
+// from the payload's start (except at its end).
+using ArrivalObserver = std::function<void(const uint8_t* data, size_t size)>;
+constexpr size_t kArrivalAlignment = 64;
+
 // Reads `size` bytes into `data` by `deadline`. `*closed_before_any` (when given) says whether
 // the peer closed the connection before the first byte: a clean end between frames.
 Status ReadExactly(int fd, void* data, size_t size, DirectClock::time_point deadline,
-                   bool* closed_before_any = nullptr);
+                   bool* closed_before_any = nullptr, const ArrivalObserver* arrived = nullptr);
 
 // Reads the next frame (not its payloads) by `deadline`; kResourceExhausted for a frame longer
 // than `max_frame_bytes`, kProtocolError for one that does not parse.
@@ -43,7 +50,7 @@ Status ReadDirectFrame(int fd, size_t max_frame_bytes, DirectClock::time_point d
 // Reads one payload of `size` bytes that follows a frame into `data`; kPermissionDenied (with a
 // `cipher`) for a record that does not open.
 Status ReadDirectPayload(int fd, uint8_t* data, size_t size, DirectClock::time_point deadline,
-                         DirectCipher* cipher = nullptr);
+                         DirectCipher* cipher = nullptr, const ArrivalObserver* arrived = nullptr);
 
 // A non-blocking TCP connection to host:port (IPv4 or IPv6 literal) by `deadline`; the socket,
 // or why not.

@@ -32,6 +32,12 @@ void DirectStream::SetSetupCanceller(std::function<void()> cancel) {
   if (failed) cancel();
 }
 
+bool DirectStream::SetReceivePlacer(std::shared_ptr<const ReceivePlacer> placer) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  placer_ = std::move(placer);
+  return true;
+}
+
 std::shared_ptr<Stream> DirectStream::fallback() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return fallback_;
@@ -328,8 +334,10 @@ void DirectStream::OnRemoteClose(const Status& status) {
 void DirectStream::RunReader() {
   const size_t max_frame = MaxDirectFrameBytes(settings_.limits.max_header_bytes);
   while (true) {
+    std::shared_ptr<const ReceivePlacer> placer;
     {
       std::unique_lock<std::mutex> lock(mutex_);
+      placer = placer_;
       bool room = reader_cv_.wait_until(lock, settings_.deadline, [&] {
         return failed_ || discard_reads_ || static_cast<int>(inbox_.size()) < settings_.window;
       });
@@ -357,9 +365,17 @@ void DirectStream::RunReader() {
       } else {
         message.header = std::move(*frame.mutable_header());
         for (uint64_t size : frame.payload_sizes()) {
-          Payload payload = settings_.buffers->Take(size);
+          Payload placed;
+          if (placer) placed = placer->place(message.header, message.payloads.size(), size);
+          if (placed.data() != nullptr && placed.size() != size) {
+            placer->placed(placed, false);
+            placed = Payload();
+          }
+          Payload payload = placed.data() != nullptr ? placed : settings_.buffers->Take(size);
+          const bool observe = placed.data() != nullptr && placer->arrived;
           status = ReadDirectPayload(fd_, payload.mutable_data(), size, settings_.deadline,
-                                     cipher_.get());
+                                     cipher_.get(), observe ? &placer->arrived : nullptr);
+          if (placed.data() != nullptr) placer->placed(placed, status.ok());
           if (!status.ok()) break;
           message.payloads.push_back(std::move(payload));
         }

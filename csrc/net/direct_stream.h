@@ -66,6 +66,7 @@ class DirectStream : public Stream, public std::enable_shared_from_this<DirectSt
   Future<std::optional<Message>> Read() override;
   void Cancel() override;
   bool direct() const override { return started_.load(); }
+  bool SetReceivePlacer(std::shared_ptr<const ReceivePlacer> placer) override;
 
  private:
   void RunWriter();
@@ -96,6 +97,7 @@ class DirectStream : public Stream, public std::enable_shared_from_this<DirectSt
   std::condition_variable reader_cv_;  // room in the inbox, failure
   std::shared_ptr<Stream> fallback_;
   std::function<void()> setup_canceller_;
+  std::shared_ptr<const ReceivePlacer> placer_;
   std::deque<Message> inbox_;
   std::deque<Promise<std::optional<Message>>> pending_reads_;
   std::optional<Status> read_end_;  // reads return it once the inbox is drained (OK: end)

@@ -82,6 +82,22 @@ struct CallContext {
   bool IsCancelled() const { return cancelled && cancelled->load(); }
 };
 
+// Lets the reader of a stream choose where received payloads land, so that values can arrive where
+// they are used instead of being copied there from a transport buffer (direct streams honour it;
+// other streams ignore it). `place` runs on the stream's reader thread before each payload is
+// read, given the message's header, the payload's index and its size, and returns a buffer of
+// exactly that size, or an empty Payload for a buffer of the transport's own. `arrived` (if set)
+// is told about the bytes of such a buffer as they land, in order, while they are still in the
+// reader's cache, in runs that start and end at multiples of 64 bytes from the buffer's start
+// (except at its end). `placed` runs for every buffer `place` returned, once the read into it
+// ended: `complete` is false when the read failed (or the size was wrong) and the buffer holds a
+// partial write. All three run on the reader thread, one buffer at a time.
+struct ReceivePlacer {
+  std::function<Payload(const std::string& header, size_t index, size_t size)> place;
+  std::function<void(const uint8_t* data, size_t size)> arrived;
+  std::function<void(const Payload& buffer, bool complete)> placed;
+};
+
 // A bidirectional stream of messages. Thread-safe. Writes are flow-controlled: a write's future
 // completes once the message is handed to the connection; it waits while the reader's window is
 // full.
@@ -101,6 +117,11 @@ class Stream {
   // Whether this stream runs on a direct connection (CallOptions::direct). For an opened stream,
   // false until that connection is set up; it is once a first read or write has completed.
   virtual bool direct() const { return false; }
+  // Used for the messages read from now on (see ReceivePlacer); false if this stream ignores it.
+  virtual bool SetReceivePlacer(std::shared_ptr<const ReceivePlacer> placer) {
+    (void)placer;
+    return false;
+  }
 };
 
 // Calls the handler must answer exactly once, from any thread, possibly after returning. Answers

@@ -863,6 +863,86 @@ TEST(AllReduce, MalformedPartsExcludeOnlyTheirSender) {
   }
 }
 
+// A member that reduces its share wrongly: its first result is the true mean, its second has a
+// NaN. Results on direct streams are read straight into the members' results (no copy) and
+// checked as they arrive; the NaN one must be refused there, its reducer excluded, and the
+// share re-reduced by a backup whose values replace what the refused read left behind.
+TEST(AllReduce, ANonFiniteResultIsRefusedAndItsShareReducedAgain) {
+  std::vector<MemberMode> modes(4, MemberMode::kNormal);
+  std::vector<Peer> peers = StartPeers({modes[0], modes[1], modes[2]});
+  ASSERT_EQ(peers.size(), 3u);
+  Peer rogue;
+  rogue.node = test::StartNode(Options(false));
+  ASSERT_NE(rogue.node, nullptr);
+  peers.push_back(std::move(rogue));
+  std::mt19937 rng(29);
+  const size_t size = 4000;  // shares of 1000 elements, two parts each
+  const size_t part_elements = 500;
+  auto inputs = RandomInputs(4, size, rng);
+  std::vector<float> weights = {1, 2, 3, 1};
+  Group group = MakeGroup(peers, modes, "non-finite-result");
+  group.my_index = 0;  // any index: the partition is the same for everyone
+  auto partition = Partition::Make(group, size, part_elements);
+  ASSERT_TRUE(partition.ok());
+  const size_t first = partition->first_part(3);
+  ASSERT_EQ(partition->num_parts(3), 2u);
+
+  std::atomic<int> direct_streams{0};
+  peers[3].node->RegisterStream("averaging.v1.allreduce",
+                                [&](const net::CallContext&, net::Stream& stream) -> Status {
+                                  // Reads the sender's OPEN and its two parts, then answers with
+                                  // both results.
+                                  for (int i = 0; i < 3; ++i) {
+                                    auto read = test::Await(stream.Read(), Milliseconds(8000));
+                                    if (!read.ok()) return read.status();
+                                    if (!read->has_value()) return Status::Ok();
+                                  }
+                                  if (stream.direct()) ++direct_streams;
+                                  for (size_t p = first; p < first + 2; ++p) {
+                                    const Part& part = partition->parts()[p];
+                                    std::vector<float> mean(part.size);
+                                    for (size_t e = 0; e < part.size; ++e) {
+                                      double sum = 0;
+                                      for (int c = 0; c < 3; ++c)
+                                        sum += double{weights[c]} * inputs[c][part.begin + e];
+                                      mean[e] = static_cast<float>(sum / 6.0);
+                                    }
+                                    if (p == first + 1) mean[part.size / 2] = NAN;
+                                    wire::AveragingHeader header;
+                                    header.set_kind(wire::RESULT);
+                                    header.set_part(static_cast<uint32_t>(p));
+                                    header.set_reduced_by(3);
+                                    for (uint32_t c : {0u, 1u, 2u}) header.add_contributors(c);
+                                    header.set_raw(true);
+                                    stream.Write(WireMessage(header, mean, true));
+                                  }
+                                  while (true) {  // until the member gives up on this stream
+                                    auto read = test::Await(stream.Read(), Milliseconds(8000));
+                                    if (!read.ok() || !read->has_value()) return Status::Ok();
+                                  }
+                                });
+  AllReduceOptions options = FastOptions(part_elements);
+  options.sender_timeout = Milliseconds(1000);  // member 3 never sends its own parts
+  options.direct_stream_bytes = 1;
+  auto outcome =
+      RunRound(peers, group, inputs, weights, std::vector<AllReduceOptions>(4, options), {0, 1, 2});
+  ExpectConsistentMeans(group, outcome, inputs, weights, {0, 1, 2});
+  EXPECT_EQ(direct_streams.load(), 3) << "the results did not come over direct streams";
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(outcome.results[i]->ok());
+    const AllReduceReport& report = outcome.results[i]->value();
+    EXPECT_NE(std::find(report.failed_members.begin(), report.failed_members.end(), 3),
+              report.failed_members.end())
+        << "member " << i << " kept the reducer of a NaN";
+    for (const PartReport& part : report.parts) {
+      if (part.begin == partition->parts()[first + 1].begin) {
+        EXPECT_NE(part.reduced_by, 3) << "member " << i << " took the NaN part";
+      }
+    }
+    for (float x : outcome.data[i]) ASSERT_TRUE(std::isfinite(x)) << "member " << i;
+  }
+}
+
 using test::kSlowdown;
 
 // ---- chaos: one node shut down at a seeded random point of the round ----

@@ -10,13 +10,16 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <functional>
 #include <iostream>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "net/direct_cipher.h"
+#include "net/direct_io.h"
 #include "net/node.h"
 #include "proto/transport.pb.h"
 #include "test_util.h"
@@ -949,6 +952,136 @@ TEST_F(DirectStreamTest, EncryptedStreamsRefuseFramesThatAreNotSealed) {
   auto stream = OpenDirect("echo_stream");
   EXPECT_TRUE(EchoWorks(*stream));
   EXPECT_TRUE(stream->direct());
+}
+
+// ---- ReceivePlacer: where received payloads land ----
+
+// What a test placer saw, filled on the stream's reader thread.
+struct PlacerLog {
+  std::mutex mutex;
+  std::vector<Payload> buffers;         // every buffer `place` returned, in order
+  std::vector<std::string> arrived;     // by buffer: the bytes `arrived` was told about
+  std::vector<int> complete;            // by buffer: -1 until `placed`, then 0 or 1
+  std::vector<std::string> misordered;  // runs that were not in order or not aligned
+};
+
+// Places payload `index` of messages whose header starts with "place" in a buffer of its own (one
+// byte short for headers starting with "place short"), and logs what it is told.
+std::shared_ptr<ReceivePlacer> LoggingPlacer(std::shared_ptr<PlacerLog> log,
+                                             std::function<void()> on_first_arrival = {}) {
+  auto placer = std::make_shared<ReceivePlacer>();
+  placer->place = [log](const std::string& header, size_t index, size_t size) {
+    if (header.rfind("place", 0) != 0 || size == 0 || index > 1) return Payload();
+    Payload buffer = Payload::Allocate(header.rfind("place short", 0) == 0 ? size - 1 : size);
+    std::lock_guard<std::mutex> lock(log->mutex);
+    log->buffers.push_back(buffer);
+    log->arrived.emplace_back();
+    log->complete.push_back(-1);
+    return buffer;
+  };
+  auto first = std::make_shared<std::atomic<bool>>(true);
+  placer->arrived = [log, on_first_arrival, first](const uint8_t* data, size_t size) {
+    std::lock_guard<std::mutex> lock(log->mutex);
+    const Payload& buffer = log->buffers.back();
+    std::string& seen = log->arrived.back();
+    const size_t offset = static_cast<size_t>(data - buffer.data());
+    const bool ends = offset + size == buffer.size();
+    if (offset != seen.size() || offset % kArrivalAlignment != 0 ||
+        (!ends && size % kArrivalAlignment != 0)) {
+      log->misordered.push_back(std::to_string(size) + " bytes at " + std::to_string(offset) +
+                                " after " + std::to_string(seen.size()));
+    }
+    seen.append(reinterpret_cast<const char*>(data), size);
+    if (on_first_arrival && first->exchange(false)) on_first_arrival();
+  };
+  placer->placed = [log](const Payload& buffer, bool complete) {
+    std::lock_guard<std::mutex> lock(log->mutex);
+    for (size_t i = 0; i < log->buffers.size(); ++i) {
+      if (log->buffers[i].data() == buffer.data()) log->complete[i] = complete ? 1 : 0;
+    }
+  };
+  return placer;
+}
+
+// Placed payloads arrive in the placer's buffers, seen by `arrived` byte for byte in aligned runs;
+// declined ones and ones given a buffer of the wrong size arrive in the transport's buffers.
+// Plain and sealed streams alike (a sealed one reports each record once it opened).
+TEST_F(DirectStreamTest, ReceivePlacerChoosesWherePayloadsLandAndSeesEveryByte) {
+  for (bool encryption : {false, true}) {
+    SCOPED_TRACE(encryption ? "sealed" : "plain");
+    if (encryption) StartNodes(TestNodeOptions(), TestNodeOptions());
+    auto log = std::make_shared<PlacerLog>();
+    auto stream = OpenDirect("echo_stream");
+    ASSERT_TRUE(stream->SetReceivePlacer(LoggingPlacer(log)));
+    const std::vector<Sample> samples = {
+        {"place two", {PatternString(3 * kMiB / 2 + 100, 1), PatternString(100, 2), ""}},
+        {"keep", {PatternString(kMiB, 3)}},
+        {"place short", {PatternString(200000, 4)}},
+        {"place one", {PatternString(63, 5)}},
+    };
+    for (const auto& sample : samples) stream->Write(sample.ToMessage());
+    stream->CloseWrite();
+    auto echoed = ReadAll(*stream);
+    ASSERT_TRUE(echoed.ok()) << echoed.status().ToString();
+    ASSERT_EQ(echoed->size(), samples.size());
+    for (size_t i = 0; i < samples.size(); ++i) {
+      EXPECT_EQ(Difference((*echoed)[i], samples[i]), "") << "message " << i;
+    }
+    ASSERT_TRUE(stream->direct());
+    std::lock_guard<std::mutex> lock(log->mutex);
+    EXPECT_TRUE(log->misordered.empty()) << log->misordered.front();
+    // Placed: both payloads of "place two", the short buffer, and "place one".
+    ASSERT_EQ(log->buffers.size(), 4u);
+    const std::vector<std::pair<size_t, size_t>> placed = {{0, 0}, {0, 1}, {3, 0}};
+    const std::vector<size_t> log_index = {0, 1, 3};
+    for (size_t k = 0; k < placed.size(); ++k) {
+      const auto [message, payload] = placed[k];
+      const size_t b = log_index[k];
+      EXPECT_EQ((*echoed)[message].payloads[payload].data(), log->buffers[b].data())
+          << "message " << message << " payload " << payload << " was not read in place";
+      EXPECT_EQ(log->arrived[b], samples[message].payloads[payload]) << "buffer " << b;
+      EXPECT_EQ(log->complete[b], 1) << "buffer " << b;
+    }
+    // The short buffer is handed back unused, and the payload read as if it was declined.
+    EXPECT_EQ(log->complete[2], 0);
+    EXPECT_EQ(log->arrived[2], "");
+    EXPECT_NE((*echoed)[2].payloads[0].data(), log->buffers[2].data());
+  }
+}
+
+// A read that fails in the middle of a placed payload says so: the buffer comes back incomplete,
+// and the stream fails instead of delivering the message.
+TEST_F(DirectStreamTest, ReceivePlacerLearnsOfAReadCutShort) {
+  constexpr size_t kFlood = 32 * kMiB;  // more than the socket buffers hold: it cannot all be in
+  server_->RegisterStream("flood", [](const CallContext&, Stream& stream) {
+    auto first = stream.Read().WaitFor(kHandlerWait);
+    if (!first || !first->ok()) return Status(StatusCode::kInternal, "TEST: no request");
+    auto written =
+        stream.Write(MakeMessage("place flood", {PatternString(kFlood, 8)})).WaitFor(kHandlerWait);
+    return written ? written->status() : Status(StatusCode::kInternal, "TEST: write stuck");
+  });
+  auto log = std::make_shared<PlacerLog>();
+  auto stream = OpenDirect("flood");
+  std::weak_ptr<Stream> weak = stream;
+  ASSERT_TRUE(stream->SetReceivePlacer(LoggingPlacer(log, [weak] {
+    if (auto self = weak.lock()) self->Cancel();
+  })));
+  stream->Write(Message("go"));
+  auto read = Await(stream->Read());
+  ASSERT_FALSE(read.ok()) << "a message cut short was delivered";
+  EXPECT_EQ(read.status().code(), StatusCode::kCancelled) << read.status().ToString();
+  // The reader thread tells the placer before it ends: wait for that, bounded.
+  ASSERT_TRUE(test::WaitUntil(
+      [&] {
+        std::lock_guard<std::mutex> lock(log->mutex);
+        return !log->complete.empty() && log->complete[0] != -1;
+      },
+      kHandlerWait));
+  std::lock_guard<std::mutex> lock(log->mutex);
+  ASSERT_EQ(log->buffers.size(), 1u);
+  EXPECT_EQ(log->complete[0], 0);
+  EXPECT_LT(log->arrived[0].size(), kFlood);
+  EXPECT_TRUE(log->misordered.empty()) << log->misordered.front();
 }
 
 }  // namespace
