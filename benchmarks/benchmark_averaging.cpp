@@ -52,6 +52,7 @@
 
 #include "averaging/allreduce.h"
 #include "averaging/group.h"
+#include "common/huge_pages.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "net/address.h"
@@ -478,6 +479,8 @@ int RunWorker(const Config& config, int read_fd, int write_fd) {
         (void)parent.WriteLine("FAIL bad address '" + address + "': " + parsed.ToString());
         continue;
       }
+      // On huge pages, as the c10d backend's flat buffer (common/huge_pages.h).
+      hivemind::ReserveOnHugePages(data, elements);
       data.resize(elements);
       for (size_t i = 0; i < elements; ++i) data[i] = InputValue(group.my_index, base, i);
       (void)parent.WriteLine("READY");

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <utility>
 
+#include "common/huge_pages.h"
+
 namespace hivemind::averaging {
 
 std::shared_ptr<BufferPool> BufferPool::Create(size_t max_buffers, size_t max_bytes) {
@@ -27,6 +29,7 @@ std::shared_ptr<std::vector<float>> BufferPool::Take(size_t size) {
     }
   }
   // Within the capacity this only writes the elements beyond the old size; no pages are new.
+  ReserveOnHugePages(*buffer, size);
   buffer->resize(size);
   return Manage(std::move(buffer));
 }

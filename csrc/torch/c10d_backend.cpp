@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "averaging/reduce_kernels.h"
+#include "common/huge_pages.h"
 #include "common/logging.h"
 
 namespace hivemind::c10d_backend {
@@ -840,7 +841,7 @@ void HivemindBackend::MeanAllReduce(std::vector<at::Tensor>& tensors, c10d::Redu
   for (const auto& tensor : tensors) total += tensor.numel();
   // One extra element: the share of members whose values were not finite (see below).
   std::vector<float>& data = mean_buffer_;
-  data.reserve(static_cast<size_t>(total) + 2);  // Mean appends the regroup vote
+  ReserveOnHugePages(data, static_cast<size_t>(total) + 2);  // Mean appends the regroup vote
   data.resize(static_cast<size_t>(total) + 1);
   data.back() = 0.0f;
   at::Tensor flat = at::from_blob(data.data(), {total}, at::kFloat);
