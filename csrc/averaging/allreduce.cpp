@@ -360,6 +360,27 @@ class Round : public std::enable_shared_from_this<Round> {
     const size_t begin = partition_.parts()[first].begin;
     return AllFinite(input_->data() + begin, last.begin + last.size - begin);
   }
+  // Whether the caller's values in its own share's range are finite, as far as no reduction
+  // with this member among the contributors has shown it: a part left without it (a backup
+  // reduced it, or this member was excluded from it) is checked here. Run's caller.
+  Status OwnShareInputFiniteLocked() const {
+    if (options_.input_checked || !contributes_ || partition_.num_parts(me_) == 0) {
+      return Status::Ok();
+    }
+    const size_t first = partition_.first_part(me_);
+    for (size_t p = first; p < first + partition_.num_parts(me_); ++p) {
+      const std::vector<int>& from = view_[p].contributors;
+      if (std::find(from.begin(), from.end(), me_) != from.end()) continue;
+      const Part& part = partition_.parts()[p];
+      if (!AllFinite(input_->data() + part.begin, part.size)) {
+        return Status(StatusCode::kInvalidArgument,
+                      "the local vector has non-finite values (in elements [" +
+                          std::to_string(part.begin) + ", " +
+                          std::to_string(part.begin + part.size) + "))");
+      }
+    }
+    return Status::Ok();
+  }
   size_t ShareElements(int share) const {
     if (partition_.num_parts(share) == 0) return 0;
     const size_t first = partition_.first_part(share);
@@ -721,10 +742,12 @@ void Round::Pump(std::unique_lock<std::mutex>& lock, Reduction& reduction) {
       published.push_back(part);
     }
     for (const auto& [m, part] : non_finite) {
-      const std::string why = "part " + std::to_string(part) + " has non-finite values";
+      const Part& range = partition_.parts()[part];
+      const std::string why = "part " + std::to_string(part) + " (elements [" +
+                              std::to_string(range.begin) + ", " +
+                              std::to_string(range.begin + range.size) + ")) has non-finite values";
       if (m == me_ && !fatal_) {
-        // Only when the caller vouched for its vector (input_checked): unchecked ones are
-        // checked before the round sends anything.
+        // The own share's range is not checked before the round (see Run): found here.
         fatal_ = Status(StatusCode::kInvalidArgument,
                         "the local vector has non-finite values (" + why + ")");
       }
@@ -1674,7 +1697,10 @@ Result<SharedMean> Round::Run(std::vector<float>& data) {
       }
       OpenSenderStream(share, channel);
     }
-    check(me_);
+    // The own share's range is not checked: its reduction reads each of those values anyway,
+    // and the weighted mean's check finds a non-finite one (Compute fails this member's round
+    // then, and reduces the share without it). What no reduction by this member vouched for is
+    // checked when the round ends (OwnShareInputFiniteLocked).
   }
 
   std::unique_lock<std::mutex> lock(mutex_);
@@ -1792,6 +1818,9 @@ Result<SharedMean> Round::Run(std::vector<float>& data) {
 
   if (stopping_ && !fatal_ && !DoneLocked()) {
     fatal_ = Status(StatusCode::kCancelled, "the averaging service stopped");
+  }
+  if (!fatal_) {
+    if (auto bad = OwnShareInputFiniteLocked(); !bad.ok()) fatal_ = bad;
   }
   const size_t vector_bytes = partition_.total_elements() * sizeof(float);
   if (fatal_) {

@@ -863,6 +863,93 @@ TEST(AllReduce, MalformedPartsExcludeOnlyTheirSender) {
   }
 }
 
+// The own share's range of a member's vector is checked by its own reduction, not before the
+// round. When a backup reduces that share instead (here: a hand-driven member 3 never sends its
+// parts to member 2, whose reducer the others then give up on), the backup leaves member 2's NaN
+// out, and member 2 still fails, naming the range, instead of taking a mean without itself.
+TEST(AllReduce, ANonFiniteOwnShareFailsThatMemberEvenWhenABackupReducedIt) {
+  std::vector<MemberMode> modes = {MemberMode::kNormal, MemberMode::kNormal, MemberMode::kNormal,
+                                   MemberMode::kClient};
+  std::vector<Peer> peers = StartPeers({modes[0], modes[1], modes[2]});
+  ASSERT_EQ(peers.size(), 3u);
+  Peer stalling;
+  stalling.node = test::StartNode(Options(false));
+  ASSERT_NE(stalling.node, nullptr);
+  peers.push_back(std::move(stalling));
+  std::mt19937 rng(31);
+  const size_t size = 300;
+  const size_t part_elements = 25;
+  auto inputs = RandomInputs(4, size, rng);
+  std::vector<float> weights = {1, 1, 1, 1};
+  Group group = MakeGroup(peers, modes, "nan-own-share-taken-over");
+  group.members[3].address = peers[3].node->visible_address();
+  group.my_index = 0;
+  auto partition = Partition::Make(group, size, part_elements);
+  ASSERT_TRUE(partition.ok());
+  const Part& bad_part = partition->parts()[partition->first_part(2) + 1];
+  inputs[2][bad_part.begin + 3] = NAN;
+
+  test::Notification round_over;
+  std::thread member3([&] {
+    std::vector<std::shared_ptr<net::Stream>> streams;
+    for (int reducer = 0; reducer < 3; ++reducer) {
+      auto stream = peers[3].node->OpenStream(peers[reducer].node->visible_address(),
+                                              "averaging.v1.allreduce",
+                                              net::CallOptions{Milliseconds(20000)});
+      wire::AveragingHeader open;
+      open.set_kind(wire::OPEN);
+      open.set_group_id(group.id);
+      open.set_group_digest(group.Digest());
+      open.set_sender(3);
+      open.set_weight(1.0);
+      open.set_total_elements(size);
+      open.set_part_elements(part_elements);
+      stream->Write(WireMessage(open));
+      if (reducer != 2) {  // to member 2: the OPEN only, then silence
+        const size_t first = partition->first_part(reducer);
+        for (size_t p = first; p < first + partition->num_parts(reducer); ++p) {
+          const Part& part = partition->parts()[p];
+          wire::AveragingHeader header;
+          header.set_kind(wire::PART);
+          header.set_part(static_cast<uint32_t>(p));
+          stream->Write(WireMessage(header,
+                                    std::vector<float>(inputs[3].begin() + part.begin,
+                                                       inputs[3].begin() + part.begin + part.size),
+                                    true));
+        }
+        stream->CloseWrite();
+      }
+      streams.push_back(stream);
+    }
+    round_over.WaitFor(Milliseconds(30000));
+    for (auto& stream : streams) stream->Cancel();
+  });
+  std::vector<AllReduceOptions> options(4, FastOptions(part_elements));
+  for (int i : {0, 1}) options[i].reducer_timeout = Milliseconds(1000);
+  options[2].sender_timeout = Milliseconds(8000);  // member 2 keeps waiting for member 3
+  auto outcome = RunRound(peers, group, inputs, weights, options, {0, 1, 2});
+  round_over.Notify();
+  member3.join();
+
+  ExpectConsistentMeans(group, outcome, inputs, weights, {0, 1});
+  ASSERT_TRUE(outcome.results[0]->ok());
+  EXPECT_GE(outcome.results[0]->value().takeovers, 1) << "member 2's share was not taken over";
+  for (const PartReport& part : outcome.results[0]->value().parts) {
+    if (part.share != 2) continue;
+    EXPECT_NE(part.reduced_by, 2);
+    if (part.begin < bad_part.begin) continue;  // member 2's values before the NaN count
+    EXPECT_EQ(std::count(part.contributors.begin(), part.contributors.end(), 2), 0)
+        << "part at " << part.begin << " counted member 2's NaN";
+  }
+  ASSERT_TRUE(outcome.results[2].has_value());
+  ASSERT_FALSE(outcome.results[2]->ok()) << "member 2 took a mean without its own values";
+  EXPECT_EQ(outcome.results[2]->status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(outcome.results[2]->status().message().find("non-finite"), std::string::npos)
+      << outcome.results[2]->status().ToString();
+  ASSERT_EQ(outcome.data[2].size(), size);
+  EXPECT_EQ(std::memcmp(outcome.data[2].data(), inputs[2].data(), size * sizeof(float)), 0);
+}
+
 // A member that reduces its share wrongly: its first result is the true mean, its second has a
 // NaN. Results on direct streams are read straight into the members' results (no copy) and
 // checked as they arrive; the NaN one must be refused there, its reducer excluded, and the
