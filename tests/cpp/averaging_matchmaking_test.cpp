@@ -648,15 +648,16 @@ TEST(MatchmakingLateBurstTest, PeersThatReachALonePeerAfterItsWindowShareOneGrou
   options.timeout = milliseconds(5000) * test::kSlowdown;
 
   std::optional<Result<FormedGroup>> alone_result, first_result, second_result;
+  // EXPECT, not ASSERT, until the threads are joined: every search ends by its timeout.
   std::thread alone_thread([&] { alone_result = alone_matchmaker.FormGroup(options); });
-  ASSERT_TRUE(
+  EXPECT_TRUE(
       world.WaitUntil([&] { return world.LiveSubkeys("late-burst") == 1; }, milliseconds(5000)));
   // The burst starts once the lone peer's window is over (it began before its declaration): the
   // situation under test, not a synchronisation.
   std::this_thread::sleep_for(options.window + milliseconds(100));
   std::thread first_thread([&] { first_result = first_matchmaker.FormGroup(options); });
-  ASSERT_TRUE(world.WaitUntil(
-      [&] { return world.CallsServed(alone->peer_id(), "matchmaking.v1.join") == 1; },
+  EXPECT_TRUE(world.WaitUntil(
+      [&] { return world.CallsServed(alone->peer_id(), "matchmaking.v1.join") >= 1; },
       milliseconds(5000)));
   std::thread second_thread([&] { second_result = second_matchmaker.FormGroup(options); });
   alone_thread.join();
