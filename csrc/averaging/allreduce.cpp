@@ -166,6 +166,19 @@ struct PartView {
   int reduced_by = -1;
 };
 
+// Copies into a round's mirror of `mirror_bytes`: past the caches when it is large (the caller
+// reads it only after the round, from memory anyway, and a plain copy first reads every line it
+// writes), through them when it fits there (streamed, 4 MiB mirrors made c10d ops about 10 %
+// slower: the next op read its tensor from memory).
+constexpr size_t kStreamedMirrorBytes = size_t{8} << 20;
+void CopyToMirror(const void* from, size_t bytes, void* to, size_t mirror_bytes) {
+  if (mirror_bytes >= kStreamedMirrorBytes) {
+    StreamingCopy(from, bytes, to);
+  } else {
+    std::memcpy(to, from, bytes);
+  }
+}
+
 struct Computed {
   size_t k = 0;
   Payload values;
@@ -174,6 +187,7 @@ struct Computed {
   std::vector<int> contributors;
   int reduced_by = -1;
   std::vector<int> non_finite;  // contributors whose values were not finite: nothing was computed
+  bool mirrored = false;        // also written to AllReduceOptions::mirror
 };
 
 }  // namespace
@@ -273,6 +287,8 @@ class Round : public std::enable_shared_from_this<Round> {
     placement_.assign(partition_.parts().size(), Placement::kNone);
     owner_pos_.assign(n_, 0);
     progress_.assign(n_, start_);
+    if (contributes_ && options.mirror_elements > 0) mirror_ = options.mirror;
+    mirrored_.assign(partition_.parts().size(), false);
   }
 
   const std::string& id() const { return group_.id; }
@@ -352,6 +368,14 @@ class Round : public std::enable_shared_from_this<Round> {
     }
     return false;
   }
+  void MirrorCopy(const void* from, size_t bytes, void* to) const {
+    CopyToMirror(from, bytes, to, options_.mirror_elements * sizeof(float));
+  }
+  // How many of part p's elements AllReduceOptions::mirror covers (from the part's start).
+  size_t MirroredElements(const Part& part) const {
+    const size_t end = options_.mirror_elements;
+    return part.begin >= end ? 0 : std::min(part.size, end - part.begin);
+  }
   // Whether the caller's values in `share`'s range are finite (or the caller vouched for them).
   bool ShareInputFinite(int share) const {
     if (options_.input_checked || partition_.num_parts(share) == 0) return true;
@@ -414,7 +438,9 @@ class Round : public std::enable_shared_from_this<Round> {
   // nor placed before goes straight into results_ (no copy from a transport buffer), and is
   // checked by the reader thread while it is in its cache.
   std::shared_ptr<const net::ReceivePlacer> ResultPlacer(int share);
-  Payload PlaceResult(int share, const std::string& header_bytes, size_t index, size_t size);
+  // Also says where in the mirror the read's bytes go (null: nowhere) and how many of them.
+  Payload PlaceResult(int share, const std::string& header_bytes, size_t index, size_t size,
+                      uint8_t** mirror, size_t* mirror_bytes);
   void ResultPlaced(const Payload& buffer, bool complete, bool finite);
   void OwnerFailedLocked(int share, size_t position, const std::string& why, bool dead = false);
   void StartTakeoverLocked(int share, size_t position);
@@ -465,6 +491,12 @@ class Round : public std::enable_shared_from_this<Round> {
   std::shared_ptr<std::vector<float>> share_results_;
   size_t share_results_base_ = 0;
   std::shared_ptr<std::vector<float>> results_;
+  // AllReduceOptions::mirror while the round runs (contributors only); null once Run is about to
+  // return, so that writers starting later leave it alone. mirrored_[p]: part p's final values
+  // are there already (from its placed read or this member's reduction), so the round's end
+  // need not copy them.
+  float* mirror_ = nullptr;
+  std::vector<bool> mirrored_;
 
   std::mutex mutex_;
   std::condition_variable cv_;
@@ -692,9 +724,22 @@ void Round::Pump(std::unique_lock<std::mutex>& lock, Reduction& reduction) {
     }
     if (abandoned) cv_.notify_all();
     if (work.empty()) return;
+    // Captured with the parts set to kReducing, so Run waits for this batch before it returns.
+    float* mirror = reduction.share == me_ && reduction.position == 0 ? mirror_ : nullptr;
     lock.unlock();
     std::vector<Computed> results;
-    for (const auto& [k, entries] : work) results.push_back(Compute(reduction, k, entries));
+    for (const auto& [k, entries] : work) {
+      results.push_back(Compute(reduction, k, entries));
+      Computed& result = results.back();
+      const Part& part = partition_.parts()[reduction.first_part + k];
+      // While the part is in the cache. Only values in place in results_ are the own share's.
+      if (mirror && result.non_finite.empty() && results_ &&
+          result.values.data() == reinterpret_cast<const uint8_t*>(results_->data() + part.begin)) {
+        MirrorCopy(result.values.data(), MirroredElements(part) * sizeof(float),
+                   mirror + part.begin);
+        result.mirrored = true;
+      }
+    }
     lock.lock();
     // A member that sent non-finite values is excluded before anything of this batch is
     // published, and every part of the batch it contributed to is reduced again without it: so
@@ -727,6 +772,7 @@ void Round::Pump(std::unique_lock<std::mutex>& lock, Reduction& reduction) {
         view.values = result.values;
         view.contributors = result.contributors;
         view.reduced_by = result.reduced_by;
+        mirrored_[part] = result.mirrored;
       }
       progress_[reduction.share] = Clock::now();
       wire::AveragingHeader header;
@@ -810,6 +856,7 @@ Status Round::ApplyResultLocked(int share, size_t position, const wire::Averagin
                        std::to_string(part.begin + part.size) + ") have non-finite values");
     }
     values = payloads[0];
+    mirrored_[header.part()] = mirror_ != nullptr;  // PlaceResult gave the read the mirror too
   } else {
     // Decoded into the round's pooled buffer, so the transport's buffer is freed now: received
     // buffers held through the grace period made the allocator map and unmap fresh memory every
@@ -837,26 +884,44 @@ std::shared_ptr<const net::ReceivePlacer> Round::ResultPlacer(int share) {
   auto placer = std::make_shared<net::ReceivePlacer>();
   // Weak: the stream holding the placer must not keep the round alive.
   std::weak_ptr<Round> weak = weak_from_this();
-  // Whether the part being read is finite so far. The three run on the stream's reader thread,
-  // one part after the other, so this needs no lock.
-  auto finite = std::make_shared<bool>(true);
-  placer->place = [weak, share, finite](const std::string& header, size_t index, size_t size) {
-    *finite = true;
+  // The part being read: whether it is finite so far, and where its bytes are mirrored. The three
+  // run on the stream's reader thread, one part after the other, so this needs no lock.
+  struct PlacedRead {
+    bool finite = true;
+    const uint8_t* start = nullptr;
+    uint8_t* mirror = nullptr;
+    size_t mirror_bytes = 0;
+    size_t whole_mirror_bytes = 0;
+  };
+  auto read = std::make_shared<PlacedRead>();
+  placer->place = [weak, share, read](const std::string& header, size_t index, size_t size) {
+    *read = PlacedRead();
     auto self = weak.lock();
-    return self ? self->PlaceResult(share, header, index, size) : Payload();
+    if (!self) return Payload();
+    Payload buffer =
+        self->PlaceResult(share, header, index, size, &read->mirror, &read->mirror_bytes);
+    read->start = buffer.data();
+    read->whole_mirror_bytes = self->options_.mirror_elements * sizeof(float);
+    return buffer;
   };
-  // Checked as the bytes arrive, while they are in the reader's cache: checking a whole 1 MiB
-  // part after its read cost 5-8 % of a 64 MiB round (docs/benchmarks.md).
-  placer->arrived = [finite](const uint8_t* data, size_t size) {
-    if (*finite) *finite = AllFinite(data, size / sizeof(float));
+  // Checked (and mirrored) as the bytes arrive, while they are in the reader's cache: checking a
+  // whole 1 MiB part after its read cost 5-8 % of a 64 MiB round (docs/benchmarks.md).
+  placer->arrived = [read](const uint8_t* data, size_t size) {
+    if (read->finite) read->finite = AllFinite(data, size / sizeof(float));
+    const auto at = static_cast<size_t>(data - read->start);
+    if (read->mirror && at < read->mirror_bytes) {
+      CopyToMirror(data, std::min(size, read->mirror_bytes - at), read->mirror + at,
+                   read->whole_mirror_bytes);
+    }
   };
-  placer->placed = [weak, finite](const Payload& buffer, bool complete) {
-    if (auto self = weak.lock()) self->ResultPlaced(buffer, complete, *finite);
+  placer->placed = [weak, read](const Payload& buffer, bool complete) {
+    if (auto self = weak.lock()) self->ResultPlaced(buffer, complete, read->finite);
   };
   return placer;
 }
 
-Payload Round::PlaceResult(int share, const std::string& header_bytes, size_t index, size_t size) {
+Payload Round::PlaceResult(int share, const std::string& header_bytes, size_t index, size_t size,
+                           uint8_t** mirror, size_t* mirror_bytes) {
   wire::AveragingHeader header;
   if (index != 0 || !header.ParseFromString(header_bytes) || header.kind() != wire::RESULT ||
       !CheckResult(header, share).ok()) {
@@ -874,6 +939,11 @@ Payload Round::PlaceResult(int share, const std::string& header_bytes, size_t in
   }
   placement_[p] = Placement::kReceiving;
   ++receiving_;
+  // Run waits for receiving_ to reach 0 before it returns, so this read ends before then.
+  if (mirror_ && MirroredElements(part) > 0) {
+    *mirror = reinterpret_cast<uint8_t*>(mirror_ + part.begin);
+    *mirror_bytes = MirroredElements(part) * sizeof(float);
+  }
   return Payload(results_->data() + part.begin, size, results_);
 }
 
@@ -1823,6 +1893,8 @@ Result<SharedMean> Round::Run(std::vector<float>& data) {
     if (auto bad = OwnShareInputFiniteLocked(); !bad.ok()) fatal_ = bad;
   }
   const size_t vector_bytes = partition_.total_elements() * sizeof(float);
+  float* const mirror = mirror_;
+  mirror_ = nullptr;  // writers that start from here on leave the caller's memory alone
   if (fatal_) {
     // The input stays: a backup may still collect this member's contribution.
     std::shared_ptr<const std::vector<float>> input = input_;
@@ -1833,6 +1905,12 @@ Result<SharedMean> Round::Run(std::vector<float>& data) {
     Ended(2 * vector_bytes);
     // Our reducers exclude us at once instead of waiting for a sender timeout.
     for (auto& [share, channel] : channels) channel->stream->Cancel();
+    if (mirror) {
+      // Reads and reductions that took the mirror end before the caller may use it again (the
+      // reads are cancelled just above).
+      lock.lock();
+      cv_.wait(lock, [this] { return !ResultsBeingWrittenLocked(kAnyPart); });
+    }
     return status;
   }
   SharedMean outcome;
@@ -1853,7 +1931,19 @@ Result<SharedMean> Round::Run(std::vector<float>& data) {
     }
     outcome.mean = results_;
   }
+  const std::vector<bool> mirrored = mirrored_;
   lock.unlock();  // the service locks itself, then rounds: never the other way round
+  if (mirror && results_) {
+    // Every part is final and nothing writes results_ any more (GatherResults waited): the parts
+    // not mirrored on the way (results on links, a backup's, codecs) are copied from there.
+    for (size_t p = 0; p < mirrored.size(); ++p) {
+      if (mirrored[p]) continue;
+      const Part& part = partition_.parts()[p];
+      MirrorCopy(results_->data() + part.begin, MirroredElements(part) * sizeof(float),
+                 mirror + part.begin);
+    }
+    outcome.mirrored = true;
+  }
   Ended(vector_bytes);
   return outcome;
 }
@@ -2171,6 +2261,12 @@ Result<SharedMean> AllReduceService::AllReduceShared(const Group& group, std::ve
   if (options.timeout.count() <= 0 || options.sender_timeout.count() <= 0 ||
       options.reducer_timeout.count() <= 0) {
     return Status(StatusCode::kInvalidArgument, "all-reduce timeouts must be positive");
+  }
+  if (options.mirror_elements > data.size() ||
+      (options.mirror == nullptr && options.mirror_elements > 0)) {
+    return Status(StatusCode::kInvalidArgument,
+                  "the mirror of " + std::to_string(options.mirror_elements) +
+                      " elements is not within the vector of " + std::to_string(data.size()));
   }
   auto partition = Partition::Make(group, data.size(), options.part_elements);
   if (!partition.ok()) return partition.status();

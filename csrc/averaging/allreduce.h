@@ -61,6 +61,14 @@ struct AllReduceOptions {
   // to set up, which smaller shares do not win back) and 256 KiB on one with encryption (sealed
   // direct streams beat CURVE links from there on; docs/benchmarks.md).
   std::optional<size_t> direct_stream_bytes;
+  // Optional: memory of the caller's (the c10d backend's tensor) where a successful round also
+  // leaves the mean's first mirror_elements values, written while they are in the cache: results
+  // received on direct streams as they arrive, the member's own share as it is reduced, the rest
+  // as the round ends. Saves the caller a pass over a cold copy of the mean. Only a contributor
+  // writes it; nothing is written there after the round returns, and after an error it holds a
+  // mix of what it held and averaged values.
+  float* mirror = nullptr;
+  size_t mirror_elements = 0;
   // Test hook: called (from any thread, without locks held) at the points above. Must not block.
   std::function<void(RoundEvent, size_t part)> observer;
 };
@@ -85,6 +93,7 @@ struct AllReduceReport {
 struct SharedMean {
   AllReduceReport report;
   std::shared_ptr<const std::vector<float>> mean;  // null for an auxiliary member
+  bool mirrored = false;  // AllReduceOptions::mirror holds the mean's first mirror_elements
 };
 
 struct AllReduceServiceOptions {

@@ -4,6 +4,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
+
 // Each kernel is compiled three times, for x86-64 (SSE2), x86-64-v3 (AVX2) and x86-64-v4
 // (AVX-512), and the dynamic loader picks the best one the CPU runs (an ifunc): the baseline
 // build leaves most of a vector unit idle. On this VM (AVX-512) the weighted mean of four 16 MiB
@@ -128,6 +132,29 @@ bool ScaledCopyFinite(const float* in, size_t count, float scale, float* out) {
     bad += static_cast<uint32_t>((bits & kExponent) == kExponent);
   }
   return bad == 0;
+}
+
+void StreamingCopy(const void* in, size_t bytes, void* out) {
+  const auto* source = static_cast<const uint8_t*>(in);
+  auto* target = static_cast<uint8_t*>(out);
+#if defined(__x86_64__)
+  // Whole 16-byte pieces of the destination, aligned (SSE2, which every x86-64 has: the CPU's
+  // write-combining buffers join them into whole lines); the ends go through memcpy.
+  const size_t head = std::min(bytes, (16 - reinterpret_cast<uintptr_t>(target) % 16) % 16);
+  std::memcpy(target, source, head);
+  source += head;
+  target += head;
+  bytes -= head;
+  const size_t pieces = bytes / 16;
+  for (size_t i = 0; i < pieces; ++i) {
+    const __m128i piece = _mm_loadu_si128(reinterpret_cast<const __m128i*>(source + 16 * i));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(target + 16 * i), piece);
+  }
+  std::memcpy(target + 16 * pieces, source + 16 * pieces, bytes - 16 * pieces);
+  _mm_sfence();  // non-temporal stores are not ordered with later ones otherwise
+#else
+  std::memcpy(target, source, bytes);
+#endif
 }
 
 }  // namespace hivemind::averaging

@@ -26,4 +26,10 @@ bool CopyFinite(const float* in, size_t count, float* out);
 // result is not finite. One pass where copy, scale and check would make three.
 bool ScaledCopyFinite(const float* in, size_t count, float scale, float* out);
 
+// Copies `bytes` from `in` to `out` past the caches (non-temporal stores, where the CPU has them),
+// for a destination nobody reads soon, such as the tensor a round mirrors its results into: a
+// plain copy first reads every destination line it writes. The copy is complete, and ordered
+// before this thread's later stores, when it returns.
+void StreamingCopy(const void* in, size_t bytes, void* out);
+
 }  // namespace hivemind::averaging

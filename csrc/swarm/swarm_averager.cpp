@@ -339,7 +339,8 @@ Result<MeanReport> SwarmAverager::Mean(std::vector<float>& data, Clock::time_poi
 Result<MeanReport> SwarmAverager::MeanShared(std::vector<float>& data, Clock::time_point deadline,
                                              const std::string& signature, float weight,
                                              std::vector<averaging::CodecRange> codecs,
-                                             bool input_checked) {
+                                             bool input_checked, float* mirror,
+                                             size_t mirror_elements) {
   if (!dropped_.ok()) return dropped_;
   Status ready = EnsureGroup(deadline, signature);
   if (!ready.ok()) return ready;
@@ -367,6 +368,8 @@ Result<MeanReport> SwarmAverager::MeanShared(std::vector<float>& data, Clock::ti
   averaging::AllReduceOptions options = options_.allreduce;
   options.codecs = std::move(codecs);
   options.input_checked = input_checked;  // the regroup vote appended below is 0 or 1
+  options.mirror = mirror;
+  options.mirror_elements = mirror_elements;
   options.timeout = Left(deadline);
   options.sender_timeout = std::min(options.sender_timeout, options.timeout);
   options.reducer_timeout = std::min(options.reducer_timeout, options.timeout);
@@ -383,6 +386,7 @@ Result<MeanReport> SwarmAverager::MeanShared(std::vector<float>& data, Clock::ti
   if (!data.empty()) data.pop_back();
   const averaging::AllReduceReport& result = shared->report;
   report.mean = shared->mean;
+  report.mirrored = shared->mirrored;
   const bool regroup = (*report.mean)[size] > 0;
 
   std::vector<int> everywhere;

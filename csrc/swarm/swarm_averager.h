@@ -85,6 +85,7 @@ struct MeanReport {
   std::vector<std::string> failures;
   // The mean, read-only (shared with the round): its first n elements, n = data's size at the call.
   std::shared_ptr<const std::vector<float>> mean;
+  bool mirrored = false;  // MeanShared's `mirror` holds the mean's first mirror_elements too
 };
 
 class SwarmAverager {
@@ -110,11 +111,14 @@ class SwarmAverager {
   // Mean without the copy into `data` (AllReduceService::AllReduceShared): the mean is
   // report.mean. On success `data` holds the input again or is left empty; on error it is
   // unchanged. `input_checked`: the caller has checked `data` is finite
-  // (averaging::AllReduceOptions::input_checked).
+  // (averaging::AllReduceOptions::input_checked). `mirror`: where the round also writes the
+  // mean's first `mirror_elements` values (averaging::AllReduceOptions::mirror); report.mirrored
+  // says whether it did (not when this rank is alone, for one).
   Result<MeanReport> MeanShared(std::vector<float>& data, Clock::time_point deadline,
                                 const std::string& signature, float weight = 1.0f,
                                 std::vector<averaging::CodecRange> codecs = {},
-                                bool input_checked = false);
+                                bool input_checked = false, float* mirror = nullptr,
+                                size_t mirror_elements = 0);
 
   // Every member's `mine`, in group order (this member's own included). Any member that fails to
   // send fails the op (naming it) and the next op forms a new group.

@@ -886,15 +886,23 @@ void HivemindBackend::MeanAllReduce(std::vector<at::Tensor>& tensors, c10d::Redu
     data[static_cast<size_t>(total)] = 1.0f;
   }
   // Shared: the mean is copied once, straight into the tensors. Checked above, so the round
-  // does not check again.
+  // does not check again. A single float32 tensor (a DDP bucket) is the round's mirror: results
+  // land there while they are in the cache instead of in a cold copy at the end.
+  float* mirror = nullptr;
+  if (tensors.size() == 1 && tensors[0].device().is_cpu() &&
+      tensors[0].scalar_type() == at::kFloat && tensors[0].is_contiguous()) {
+    mirror = tensors[0].mutable_data_ptr<float>();
+  }
   auto report = swarm_->MeanShared(data, deadline, Signature("mean", tensors, op.op_), Weight(),
-                                   std::move(codecs), /*input_checked=*/true);
+                                   std::move(codecs), /*input_checked=*/true, mirror,
+                                   mirror ? static_cast<size_t>(total) : 0);
   if (!report.ok()) Fail("allreduce failed: " + report.status().ToString());
   const std::vector<float>& mean = *report->mean;
   if (mean[static_cast<size_t>(total)] > 0.0f) {
     for (auto& tensor : tensors) tensor.fill_(std::numeric_limits<float>::quiet_NaN());
     return;
   }
+  if (report->mirrored) return;
   // from_blob wants a mutable pointer; nothing writes through this view.
   at::Tensor result = at::from_blob(const_cast<float*>(mean.data()), {total}, at::kFloat);
   offset = 0;

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <iostream>
+#include <limits>
 #include <random>
 #include <thread>
 
@@ -267,6 +268,124 @@ TEST(AllReduce, SharedMeanEqualsTheCopiedOneAndGivesTheInputBack) {
                             std::vector<AllReduceOptions>(3, FastOptions(64)));
   ExpectConsistentMeans(group, copied, inputs, weights, AllIndices(3));
   EXPECT_EQ(copied.data[0], *mean);
+}
+
+// The mirror (the c10d backend's tensor) ends with the mean's first mirror_elements values, bit for
+// bit, however each part arrived: placed reads on direct streams, results on links, compressed
+// ranges, the own share; nothing beyond it is written, an auxiliary member's is left alone, and a
+// mirror longer than the vector is refused.
+TEST(AllReduce, TheMirrorHoldsTheMeanHoweverThePartsArrived) {
+  std::vector<MemberMode> modes = {MemberMode::kNormal, MemberMode::kNormal, MemberMode::kNormal,
+                                   MemberMode::kAuxiliary};
+  auto peers = StartPeers(modes);
+  ASSERT_EQ(peers.size(), 4u);
+  std::mt19937 rng(57);
+  // Parts of 280 KB: a placed read reaches the mirror in several slices (of 256 KiB). Mirrors of
+  // 8 MiB and more are written with non-temporal stores, smaller ones with memcpy.
+  const size_t part_elements = 70000;
+  const float kUntouched = -7777.0f;
+  std::vector<float> weights = {1.0f, 2.0f, 0.5f, 1.0f};
+  struct Case {
+    std::string name;
+    size_t size;
+    size_t direct_stream_bytes;
+    bool compressed;
+  };
+  const std::vector<Case> cases = {
+      {"direct", 600000, 1, false},
+      {"links", 600000, 0, false},
+      {"compressed", 600000, 1, true},
+      {"direct, streamed", 2400000, 1, false},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    const size_t size = c.size;
+    const size_t mirrored = size - 5;  // the tail (the c10d flag elements) is not mirrored
+    auto inputs = RandomInputs(4, size, rng);
+    Group group = MakeGroup(peers, modes, "mirror-" + c.name);
+    std::vector<std::vector<float>> mirrors(4, std::vector<float>(size, kUntouched));
+    std::vector<std::optional<Result<SharedMean>>> results(4);
+    std::vector<std::vector<float>> data = inputs;
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 4; ++i) {
+      threads.emplace_back([&, i] {
+        Group mine = group;
+        mine.my_index = i;
+        AllReduceOptions options = FastOptions(part_elements);
+        options.direct_stream_bytes = c.direct_stream_bytes;
+        if (c.compressed) options.codecs = {{size / 4, size / 2, CodecSpec::Float16()}};
+        options.mirror = mirrors[i].data();
+        options.mirror_elements = mirrored;
+        results[i] = peers[i].service->AllReduceShared(mine, data[i], weights[i], options);
+      });
+    }
+    for (auto& thread : threads) thread.join();
+    for (int i = 0; i < 4; ++i) {
+      ASSERT_TRUE(results[i]->ok()) << i << ": " << results[i]->status().ToString();
+    }
+    EXPECT_FALSE(results[3]->value().mirrored);
+    EXPECT_EQ(mirrors[3], std::vector<float>(size, kUntouched)) << "an auxiliary member's mirror";
+    for (int i = 0; i < 3; ++i) {
+      const auto& mean = *results[i]->value().mean;
+      ASSERT_TRUE(results[i]->value().mirrored) << "member " << i;
+      EXPECT_EQ(std::memcmp(mirrors[i].data(), mean.data(), mirrored * sizeof(float)), 0)
+          << "member " << i << "'s mirror differs from its mean";
+      for (size_t e = mirrored; e < size; ++e) {
+        ASSERT_EQ(mirrors[i][e], kUntouched) << "member " << i << " wrote past the mirror at " << e;
+      }
+    }
+  }
+  Group mine = MakeGroup(peers, modes, "mirror-too-long");
+  std::vector<float> vector(100, 1.0f), mirror(101);
+  AllReduceOptions options = FastOptions(64);
+  options.mirror = mirror.data();
+  options.mirror_elements = mirror.size();
+  auto refused = peers[0].service->AllReduceShared(mine, vector, 1.0f, options);
+  EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument);
+}
+
+// A member whose round fails (a NaN in its own share: its reduction goes on without it for the
+// others) writes nothing to its mirror once the call has returned, though the rest of the group
+// is still at work: the caller owns that memory again.
+TEST(AllReduce, AFailedRoundLeavesTheMirrorAloneOnceItReturns) {
+  std::vector<MemberMode> modes(3, MemberMode::kNormal);
+  auto peers = StartPeers(modes);
+  ASSERT_EQ(peers.size(), 3u);
+  std::mt19937 rng(58);
+  const size_t size = 300000;
+  auto inputs = RandomInputs(3, size, rng);
+  // In the first part of member 2's own share: its reduction of the later parts goes on for the
+  // others after the call has returned.
+  inputs[2][2 * size / 3 + 5] = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> weights = {1.0f, 1.0f, 1.0f};
+  Group group = MakeGroup(peers, modes, "mirror-failed");
+  const float kAfterReturn = -5555.0f;
+  std::vector<std::vector<float>> mirrors(3, std::vector<float>(size));
+  std::vector<std::optional<Result<SharedMean>>> results(3);
+  std::vector<std::vector<float>> data = inputs;
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 3; ++i) {
+    threads.emplace_back([&, i] {
+      Group mine = group;
+      mine.my_index = i;
+      AllReduceOptions options = FastOptions(20000);
+      options.direct_stream_bytes = 1;
+      options.mirror = mirrors[i].data();
+      options.mirror_elements = size;
+      results[i] = peers[i].service->AllReduceShared(mine, data[i], weights[i], options);
+      if (!results[i]->ok()) std::fill(mirrors[i].begin(), mirrors[i].end(), kAfterReturn);
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  ASSERT_EQ(results[2]->status().code(), StatusCode::kInvalidArgument)
+      << results[2]->status().ToString();
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_TRUE(results[i]->ok()) << i << ": " << results[i]->status().ToString();
+    EXPECT_EQ(std::memcmp(mirrors[i].data(), results[i]->value().mean->data(), size * 4), 0);
+  }
+  for (size_t e = 0; e < size; ++e) {
+    ASSERT_EQ(mirrors[2][e], kAfterReturn) << "written at " << e << " after the round returned";
+  }
 }
 
 net::Message WireMessage(const wire::AveragingHeader& header, std::vector<float> values = {},
@@ -1076,6 +1195,14 @@ TEST(AllReduceChaos, SurvivorsAgreeWhenOnePeerDies) {
     // surely as the links.
     if (trial % 3 != 2) options.direct_stream_bytes = 1;
     std::vector<AllReduceOptions> per_member(n, options);
+    // Each member also mirrors the mean (all of it, or all but a tail): a takeover's parts must
+    // land there as surely as the others.
+    const size_t mirrored = trial % 2 == 0 ? size : size - 3;
+    std::vector<std::vector<float>> mirrors(n, std::vector<float>(size));
+    for (int i = 0; i < n; ++i) {
+      per_member[i].mirror = mirrors[i].data();
+      per_member[i].mirror_elements = mirrored;
+    }
     test::Notification kill;
     std::atomic<bool> round_over{false};
     auto seen = std::make_shared<std::atomic<int>>(0);
@@ -1118,6 +1245,10 @@ TEST(AllReduceChaos, SurvivorsAgreeWhenOnePeerDies) {
       }
     }
     ExpectConsistentMeans(group, outcome, inputs, weights, succeeded, options.codecs);
+    for (int i : succeeded) {
+      EXPECT_EQ(std::memcmp(mirrors[i].data(), outcome.data[i].data(), mirrored * sizeof(float)), 0)
+          << "member " << i << "'s mirror differs from its mean";
+    }
     if (HasFailure()) {
       for (int i : succeeded) {
         for (const auto& line : outcome.results[i]->value().failures) {

@@ -115,5 +115,25 @@ TEST(ReduceKernels, ScaledCopyMatchesAFloatLoopAndFindsNonFiniteResults) {
   }
 }
 
+TEST(ReduceKernels, StreamingCopyCopiesEveryByteWhateverTheAlignment) {
+  std::mt19937 rng(7);
+  std::vector<uint8_t> source(5000);
+  for (uint8_t& b : source) b = static_cast<uint8_t>(rng());
+  for (size_t bytes : {0u, 1u, 15u, 16u, 17u, 63u, 64u, 1000u, 4096u}) {
+    for (size_t from : {0u, 1u, 8u}) {
+      for (size_t to : {0u, 3u, 16u}) {
+        // Guard bytes around the destination: nothing outside [to, to + bytes) is written.
+        std::vector<uint8_t> target(bytes + 40, 0xAB);
+        StreamingCopy(source.data() + from, bytes, target.data() + to);
+        for (size_t i = 0; i < target.size(); ++i) {
+          const bool inside = i >= to && i < to + bytes;
+          ASSERT_EQ(target[i], inside ? source[from + i - to] : 0xAB)
+              << "bytes=" << bytes << " from=" << from << " to=" << to << " i=" << i;
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace hivemind::averaging
