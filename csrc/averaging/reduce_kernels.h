@@ -26,6 +26,10 @@ bool CopyFinite(const float* in, size_t count, float* out);
 // result is not finite. One pass where copy, scale and check would make three.
 bool ScaledCopyFinite(const float* in, size_t count, float scale, float* out);
 
+// ScaledCopyFinite with non-temporal stores (see StreamingCopy), for an `out` far larger than the
+// caches, which a plain copy would first read line by line. The same bits.
+bool ScaledCopyFiniteStreaming(const float* in, size_t count, float scale, float* out);
+
 // Copies `bytes` from `in` to `out` past the caches (non-temporal stores, where the CPU has them),
 // for a destination nobody reads soon, such as the tensor a round mirrors its results into: a
 // plain copy first reads every destination line it writes. The copy is complete, and ordered

@@ -779,6 +779,9 @@ std::string Signature(const char* kind, const std::vector<at::Tensor>& tensors, 
 // change nothing, yet the group still works if every member is a newcomer.
 constexpr float kNewcomerWeight = 1e-30f;
 
+// Flat buffers from this size on are filled with non-temporal stores (see MeanAllReduce).
+constexpr size_t kStreamedCopyBytes = size_t{8} << 20;
+
 }  // namespace
 
 float HivemindBackend::Weight() const { return established_ ? 1.0f : kNewcomerWeight; }
@@ -857,14 +860,19 @@ void HivemindBackend::MeanAllReduce(std::vector<at::Tensor>& tensors, c10d::Redu
     if (tensor.device().is_cpu() && tensor.scalar_type() == at::kFloat && tensor.is_contiguous()) {
       // DDP's gradient buckets: copied, scaled and checked in one pass (three with torch's ops),
       // on torch's intra-op threads as its copy would be. Scaled in float, as mul_ does.
+      // A flat buffer far larger than the caches is written past them (the round reads it from
+      // memory anyway): a plain copy would first read each line it writes.
       const float* source = tensor.const_data_ptr<float>();
-      at::parallel_for(
-          0, tensor.numel(), at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-            if (!averaging::ScaledCopyFinite(source + begin, static_cast<size_t>(end - begin),
-                                             static_cast<float>(scale), target + begin)) {
-              finite = false;
-            }
-          });
+      const auto copy = total * sizeof(float) >= kStreamedCopyBytes
+                            ? averaging::ScaledCopyFiniteStreaming
+                            : averaging::ScaledCopyFinite;
+      at::parallel_for(0, tensor.numel(), at::internal::GRAIN_SIZE,
+                       [&](int64_t begin, int64_t end) {
+                         if (!copy(source + begin, static_cast<size_t>(end - begin),
+                                   static_cast<float>(scale), target + begin)) {
+                           finite = false;
+                         }
+                       });
     } else {
       at::Tensor slice = flat.narrow(0, offset, tensor.numel());
       slice.copy_(tensor.reshape({-1}));

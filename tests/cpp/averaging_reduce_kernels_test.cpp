@@ -115,6 +115,29 @@ TEST(ReduceKernels, ScaledCopyMatchesAFloatLoopAndFindsNonFiniteResults) {
   }
 }
 
+TEST(ReduceKernels, TheStreamingScaledCopyWritesTheSameBitsAndFindsTheSameValues) {
+  for (size_t n : {0u, 1u, 3u, 4u, 5u, 17u, 4099u}) {
+    std::vector<float> values = Random(n + 8, 8);
+    for (size_t offset : {0u, 1u, 2u, 3u}) {  // in floats: every alignment of `out`
+      std::vector<float> plain(n + 8), streamed(n + 8, -1.0f);
+      ASSERT_TRUE(ScaledCopyFinite(values.data(), n, 3.0f, plain.data() + offset));
+      ASSERT_TRUE(ScaledCopyFiniteStreaming(values.data(), n, 3.0f, streamed.data() + offset));
+      EXPECT_EQ(std::memcmp(plain.data() + offset, streamed.data() + offset, n * sizeof(float)), 0)
+          << "n=" << n << " offset=" << offset;
+      EXPECT_EQ(streamed[n + offset], -1.0f) << "wrote past the end";
+      for (size_t at = 0; at < n; at += std::max<size_t>(1, n / 7)) {  // head, body and tail
+        std::vector<float> copy = values;
+        copy[at] = std::numeric_limits<float>::infinity();
+        EXPECT_FALSE(ScaledCopyFiniteStreaming(copy.data(), n, 1.0f, streamed.data() + offset))
+            << "n=" << n << " offset=" << offset << " at=" << at;
+        copy[at] = std::numeric_limits<float>::max();  // overflows when scaled
+        EXPECT_FALSE(ScaledCopyFiniteStreaming(copy.data(), n, 2.0f, streamed.data() + offset));
+        EXPECT_TRUE(ScaledCopyFiniteStreaming(copy.data(), n, 1.0f, streamed.data() + offset));
+      }
+    }
+  }
+}
+
 TEST(ReduceKernels, StreamingCopyCopiesEveryByteWhateverTheAlignment) {
   std::mt19937 rng(7);
   std::vector<uint8_t> source(5000);

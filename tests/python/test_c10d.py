@@ -301,6 +301,39 @@ def test_an_overflow_on_one_rank_reaches_every_rank_as_nan():
         assert results[rank]["after"].tolist() == [3.0] * 3
 
 
+def _large_buckets(rank, world_size):
+    import torch.distributed as dist
+
+    # 12 MiB: the flat buffer is filled, and the result written into the tensor, with
+    # non-temporal stores (from 8 MiB on); the tensor is the round's mirror.
+    generator = torch.Generator().manual_seed(10 + rank)
+    summed = torch.randn(3 << 20, generator=generator)
+    averaged = summed.clone()
+    inputs = summed.clone()
+    pointer = summed.data_ptr()
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    dist.all_reduce(averaged, op=dist.ReduceOp.AVG)
+    overflow = torch.ones(3 << 20)
+    if rank == 1:
+        overflow[(3 << 20) - 1] = float("inf")
+    dist.all_reduce(overflow)
+    return {"inputs": inputs, "sum": summed, "avg": averaged,
+            "in_place": summed.data_ptr() == pointer,
+            "overflow_nan": bool(torch.isnan(overflow).all())}
+
+
+def test_large_buckets_are_reduced_in_place_exactly_and_overflows_still_reach_everyone():
+    results = run_ranks(_large_buckets, 3)
+    exact = sum(results[r]["inputs"].double() for r in range(3))
+    for rank in range(3):
+        assert results[rank]["in_place"]
+        assert results[rank]["overflow_nan"], rank
+        assert torch.equal(results[rank]["sum"], results[0]["sum"]), rank
+        assert torch.equal(results[rank]["avg"], results[0]["avg"]), rank
+    assert torch.allclose(results[0]["sum"].double(), exact, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(results[0]["avg"].double(), exact / 3, rtol=1e-5, atol=1e-6)
+
+
 def _compressed(rank, world_size):
     import torch.distributed as dist
 
