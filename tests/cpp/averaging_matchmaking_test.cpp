@@ -557,16 +557,17 @@ TEST_F(BusyLeaderTest, FollowersWaitForABusyLeaderThatStillCountsThemIn) {
 // costs k round trips instead of k x target. The busy leader's full group stays unsealed while a
 // later peer asks it.
 TEST_F(BusyLeaderTest, ARefusedPeerSkipsTheFullGroupsMembers) {
-  const auto options = Options("full-group", 2, 3, milliseconds(2000));
+  const auto options = Options("full-group", 2, 3, milliseconds(2000) * test::kSlowdown);
   ASSERT_NO_FATAL_FAILURE(StartLeaderInASlowReadThenFollowers(options, 2));
   ASSERT_TRUE(world_.WaitUntil([&] { return ServedByLeader("matchmaking.v1.join") == 2; },
                                milliseconds(5000)));
   // Declared after the two followers, so it may ask all three. Alone it cannot form a group: its
-  // search ends at its timeout, well before the skip (request_timeout) would lapse.
+  // search ends at its timeout, before the skip (request_timeout from the refusal) would lapse,
+  // yet with time to ask on a loaded machine (with 800 ms it failed once beside heavy tests).
   auto late = world_.AddPeer();
   Matchmaker late_matchmaker(late);
   MatchmakingOptions late_options = options;
-  late_options.timeout = milliseconds(800);
+  late_options.timeout = milliseconds(1500) * test::kSlowdown;
   auto refused = late_matchmaker.FormGroup(late_options);
   EXPECT_EQ(refused.status().code(), StatusCode::kDeadlineExceeded);
   EXPECT_EQ(ServedByLeader("matchmaking.v1.join"), 3u);
