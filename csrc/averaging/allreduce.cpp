@@ -1889,8 +1889,15 @@ Result<SharedMean> Round::Run(std::vector<float>& data) {
   if (stopping_ && !fatal_ && !DoneLocked()) {
     fatal_ = Status(StatusCode::kCancelled, "the averaging service stopped");
   }
-  if (!fatal_) {
-    if (auto bad = OwnShareInputFiniteLocked(); !bad.ok()) fatal_ = bad;
+  // A non-finite vector is the cause to report, even when the round also failed otherwise (its
+  // share's backups may have given up on this member meanwhile): the caller must learn that its
+  // values are bad, not only that a reducer went away.
+  if (!fatal_ || fatal_->code() != StatusCode::kInvalidArgument) {
+    if (Status bad = OwnShareInputFiniteLocked(); !bad.ok()) {
+      fatal_ = fatal_ ? Status(StatusCode::kInvalidArgument,
+                               bad.message() + "; the round also failed: " + fatal_->message())
+                      : bad;
+    }
   }
   const size_t vector_bytes = partition_.total_elements() * sizeof(float);
   float* const mirror = mirror_;
