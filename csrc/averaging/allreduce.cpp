@@ -75,7 +75,7 @@ bool IsRefusal(const Status& status) {
 bool ConfirmsDeath(const Status& status) { return status.code() == StatusCode::kUnavailable; }
 
 // AllReduceOptions::direct_stream_bytes when unset, by whether the node encrypts.
-constexpr size_t kDirectStreamBytesPlain = size_t{4} << 20;
+constexpr size_t kDirectStreamBytesPlain = size_t{512} << 10;
 constexpr size_t kDirectStreamBytesEncrypted = size_t{256} << 10;
 
 // How long a DONE notice may take; a notice that fails only delays the release to grace_period.

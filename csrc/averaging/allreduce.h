@@ -57,9 +57,10 @@ struct AllReduceOptions {
   // Shares of at least this many bytes (as float32) are sent on direct streams: a TCP connection
   // of their own per sender and reducer, when both nodes allow it (net::CallOptions::direct,
   // docs/transport.md). Smaller ones, and every share when this is 0, use the node's link. Unset:
-  // 4 MiB on a node without encryption (each direct stream costs one request and one connection
-  // to set up, which smaller shares do not win back) and 256 KiB on one with encryption (sealed
-  // direct streams beat CURVE links from there on; docs/benchmarks.md).
+  // 512 KiB on a node without encryption (below it the link is as fast: the stream's threads and
+  // its round trip to start, on a connection kept from the last round, cost what the link's extra
+  // copies do) and 256 KiB on one with encryption (sealed direct streams beat CURVE links from
+  // there on; docs/benchmarks.md).
   std::optional<size_t> direct_stream_bytes;
   // Optional: memory of the caller's (the c10d backend's tensor) where a successful round also
   // leaves the mean's first mirror_elements values, written while they are in the cache: results

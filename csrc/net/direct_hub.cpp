@@ -33,6 +33,14 @@ constexpr auto kNoDirectPeriod = std::chrono::seconds(60);
 // 4 peers holds about 48 MiB of received parts at once; with 32 MiB kept, every round faulted in
 // ~9.6 K fresh pages per peer (~0.9 K with 128 MiB).
 constexpr size_t kKeptReceiveBytes = size_t{128} << 20;
+// Kept connections, per peer and in all: a round opens one stream per member and reducer, and a
+// few rounds may overlap. Each costs the peer a waiting thread.
+constexpr size_t kMaxIdlePerPeer = 8;
+constexpr size_t kMaxIdle = 256;
+// The callee keeps its end of an idle connection for 2 * direct_idle_timeout plus this, so that a
+// caller (which reuses one for direct_idle_timeout only) never writes a hello into one being
+// closed.
+constexpr auto kCalleeKeepSlack = std::chrono::seconds(1);
 
 Status SystemError(const std::string& what) {
   return Status(StatusCode::kInternal, what + ": " + std::strerror(errno));
@@ -48,6 +56,48 @@ Status WriteAck(int fd, const Status& status, Clock::time_point deadline, Direct
   ack.set_kind(wire::DIRECT_ACK);
   *ack.mutable_status() = ToWire(status);
   return WriteDirectFrame(fd, ack, {}, deadline, cipher);
+}
+
+// Sends `hello` on `fd` (sealed with `hello_cipher` when given) and reads the callee's ack (sealed
+// with `cipher`) by `deadline`; the wait ends at once if `stream` fails meanwhile. The ack's
+// status, or (`*answered` false) why there was none.
+Status Handshake(DirectStream& stream, int fd, const wire::DirectFrame& hello,
+                 DirectCipher* hello_cipher, DirectCipher* cipher, Clock::time_point deadline,
+                 size_t max_frame_bytes, bool* answered) {
+  *answered = false;
+  // The socket is shut down if the stream fails while the handshake waits; only under the
+  // holder's lock, so the canceller never touches a descriptor reused meanwhile.
+  struct Socket {
+    std::mutex mutex;
+    int fd;
+  };
+  auto socket = std::make_shared<Socket>();
+  socket->fd = fd;
+  stream.SetSetupCanceller([socket] {
+    std::lock_guard<std::mutex> lock(socket->mutex);
+    if (socket->fd >= 0) ::shutdown(socket->fd, SHUT_RDWR);
+  });
+  wire::DirectFrame ack;
+  Status handshake = WriteDirectFrame(fd, hello, {}, deadline, hello_cipher);
+  if (handshake.ok()) {
+    handshake = ReadDirectFrame(fd, max_frame_bytes, deadline, &ack, nullptr, cipher);
+  }
+  if (handshake.ok() && ack.kind() != wire::DIRECT_ACK) {
+    handshake = Status(StatusCode::kProtocolError, "expected a direct stream ack");
+  }
+  {
+    std::lock_guard<std::mutex> lock(socket->mutex);
+    socket->fd = -1;
+  }
+  if (!handshake.ok()) return handshake;
+  *answered = true;
+  return FromWire(ack.status());
+}
+
+// What an ordinary stream would be told too; other refusals mean "go the ordinary way".
+bool RefusalFailsTheStream(const Status& refused) {
+  return refused.code() == StatusCode::kNotFound ||
+         refused.code() == StatusCode::kResourceExhausted;
 }
 
 }  // namespace
@@ -101,6 +151,11 @@ void DirectHub::Stop() {
       if (auto stream = weak.lock()) streams.push_back(std::move(stream));
     }
     streams_.clear();
+    for (auto& [peer, connections] : idle_) {
+      for (const IdleConnection& connection : connections) ::close(connection.fd);
+    }
+    idle_.clear();
+    idle_count_ = 0;
   }
   if (wake_fd_ >= 0) {
     uint64_t one = 1;
@@ -156,14 +211,81 @@ Result<Message> DirectHub::Offer(const PeerId& caller, const Message& request) {
   return Message(offer.SerializeAsString());
 }
 
-DirectStream::Settings DirectHub::SettingsFor(Milliseconds timeout, bool we_called) const {
+DirectConnectionStats DirectHub::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return DirectConnectionStats{dialed_, reused_, idle_count_, served_idle_};
+}
+
+DirectStream::Settings DirectHub::SettingsFor(const PeerId& peer, Milliseconds timeout,
+                                              bool we_called) {
   DirectStream::Settings settings;
   settings.limits = MessageLimits{options_.max_header_bytes, options_.max_message_bytes};
   settings.window = options_.stream_window_messages;
   settings.deadline = Clock::now() + timeout;
   settings.we_called = we_called;
   settings.buffers = buffers_;
+  if (options_.direct_idle_timeout.count() <= 0) return settings;
+  // The hub outlives every stream thread (Stop joins them), so it outlives these too.
+  DirectHub* hub = this;
+  if (we_called) {
+    settings.reusable = [hub, peer](int fd, std::shared_ptr<DirectCipher> cipher) {
+      hub->KeepIdle(peer, fd, std::move(cipher));
+    };
+  } else {
+    settings.reusable = [hub, peer](int fd, std::shared_ptr<DirectCipher> cipher) {
+      if (!hub->threads_->Spawn([hub, fd, peer, cipher] { hub->ServeIdle(fd, peer, cipher); })) {
+        ::close(fd);
+      }
+    };
+  }
   return settings;
+}
+
+void DirectHub::KeepIdle(const PeerId& peer, int fd, std::shared_ptr<DirectCipher> cipher) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto now = Clock::now();
+  auto& kept = idle_[peer];
+  kept.erase(std::remove_if(kept.begin(), kept.end(),
+                            [&](const IdleConnection& connection) {
+                              if (now - connection.since < options_.direct_idle_timeout) {
+                                return false;
+                              }
+                              ::close(connection.fd);
+                              --idle_count_;
+                              return true;
+                            }),
+             kept.end());
+  if (stopped_ || kept.size() >= kMaxIdlePerPeer || idle_count_ >= kMaxIdle) {
+    ::close(fd);  // the peer's waiting thread sees the connection end
+  } else {
+    kept.push_back(IdleConnection{fd, std::move(cipher), now});
+    ++idle_count_;
+  }
+  if (kept.empty()) idle_.erase(peer);
+}
+
+std::optional<DirectHub::IdleConnection> DirectHub::TakeIdle(const PeerId& peer) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = idle_.find(peer);
+  if (it == idle_.end()) return std::nullopt;
+  std::optional<IdleConnection> taken;
+  auto& kept = it->second;
+  while (!kept.empty() && !taken) {
+    IdleConnection connection = std::move(kept.back());
+    kept.pop_back();
+    --idle_count_;
+    // Anything readable on an idle connection is its end (the peer closed it or died) or bytes
+    // that should not be there: either way it cannot carry a stream.
+    pollfd entry{connection.fd, POLLIN, 0};
+    const bool fresh = Clock::now() - connection.since < options_.direct_idle_timeout;
+    if (fresh && ::poll(&entry, 1, 0) == 0) {
+      taken = std::move(connection);
+    } else {
+      ::close(connection.fd);
+    }
+  }
+  if (kept.empty()) idle_.erase(it);
+  return taken;
 }
 
 bool DirectHub::Track(const std::shared_ptr<DirectStream>& stream) {
@@ -222,25 +344,11 @@ void DirectHub::RunAcceptor() {
 }
 
 void DirectHub::Serve(int fd) {
-  std::shared_ptr<DirectCipher> cipher;  // set once the hello named an offer with a key
-  auto refuse = [&](const Status& why) {
-    (void)WriteAck(fd, why, Clock::now() + kHelloTimeout, cipher.get());
-    std::lock_guard<std::mutex> lock(mutex_);
-    handshakes_.erase(fd);
-    ::close(fd);
-  };
   wire::DirectFrame hello;
   Status read = ReadDirectFrame(fd, MaxDirectFrameBytes(options_.max_header_bytes),
                                 Clock::now() + kHelloTimeout, &hello);
-  if (!read.ok() || hello.kind() != wire::DIRECT_HELLO) {
-    // Not our protocol, or a caller that went away: nobody to tell.
-    std::lock_guard<std::mutex> lock(mutex_);
-    handshakes_.erase(fd);
-    ::close(fd);
-    return;
-  }
   Pending offered;
-  {
+  if (read.ok() && hello.kind() == wire::DIRECT_HELLO) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto offer = offers_.find(hello.token());
     if (offer != offers_.end()) {
@@ -248,14 +356,64 @@ void DirectHub::Serve(int fd) {
       offers_.erase(offer);  // single use, whatever happens next
     }
   }
-  const PeerId peer = offered.peer;
-  if (peer == PeerId()) {
-    // In the clear even with encryption: whoever holds no valid token holds no key either.
-    return refuse(Status(StatusCode::kPermissionDenied, "unknown or expired direct stream token"));
+  if (!read.ok() || hello.kind() != wire::DIRECT_HELLO || offered.peer == PeerId()) {
+    // In the clear even with encryption: whoever holds no valid token holds no key either. Not
+    // our protocol, or a caller that went away: nobody to tell.
+    if (read.ok() && hello.kind() == wire::DIRECT_HELLO) {
+      (void)WriteAck(
+          fd, Status(StatusCode::kPermissionDenied, "unknown or expired direct stream token"),
+          Clock::now() + kHelloTimeout, nullptr);
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    handshakes_.erase(fd);
+    ::close(fd);
+    return;
   }
+  std::shared_ptr<DirectCipher> cipher;
   if (offered.cipher != wire::DIRECT_PLAIN) {
     cipher = std::make_shared<DirectCipher>(offered.cipher, offered.key, /*caller=*/false);
   }
+  ServeStream(fd, offered.peer, std::move(cipher), hello);
+}
+
+void DirectHub::ServeIdle(int fd, PeerId peer, std::shared_ptr<DirectCipher> cipher) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (stopped_) {
+      ::close(fd);
+      return;
+    }
+    handshakes_.insert(fd);  // Stop ends the wait
+    ++served_idle_;
+  }
+  // The next hello is sealed like the stream's records were: only the caller can write it. It
+  // names no token: the connection is already the caller's.
+  wire::DirectFrame hello;
+  Status read = ReadDirectFrame(fd, MaxDirectFrameBytes(options_.max_header_bytes),
+                                Clock::now() + 2 * options_.direct_idle_timeout + kCalleeKeepSlack,
+                                &hello, nullptr, cipher.get());
+  const bool next = read.ok() && hello.kind() == wire::DIRECT_HELLO && hello.token().empty();
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    --served_idle_;
+    if (!next || stopped_) {
+      // The caller closed it, went quiet for too long, or broke the protocol.
+      handshakes_.erase(fd);
+      ::close(fd);
+      return;
+    }
+  }
+  ServeStream(fd, peer, std::move(cipher), hello);
+}
+
+void DirectHub::ServeStream(int fd, const PeerId& peer, std::shared_ptr<DirectCipher> cipher,
+                            const wire::DirectFrame& hello) {
+  auto refuse = [&](const Status& why) {
+    (void)WriteAck(fd, why, Clock::now() + kHelloTimeout, cipher.get());
+    std::lock_guard<std::mutex> lock(mutex_);
+    handshakes_.erase(fd);
+    ::close(fd);
+  };
   StreamHandler handler = hooks_.handler_for(hello.method());
   if (!handler) {
     return refuse(Status(StatusCode::kNotFound, "no stream method '" + hello.method() + "' here"));
@@ -274,7 +432,7 @@ void DirectHub::Serve(int fd) {
   }
   auto timeout =
       hello.timeout_ms() > 0 ? Milliseconds(hello.timeout_ms()) : options_.default_call_timeout;
-  const DirectStream::Settings settings = SettingsFor(timeout, /*we_called=*/false);
+  const DirectStream::Settings settings = SettingsFor(peer, timeout, /*we_called=*/false);
   auto stream = std::make_shared<DirectStream>(peer, settings, threads_);
   Status acked = WriteAck(fd, Status::Ok(),
                           std::min(settings.deadline, Clock::now() + kHelloTimeout), cipher.get());
@@ -310,8 +468,8 @@ std::shared_ptr<Stream> DirectHub::Open(const PeerAddress& peer, const std::stri
   if (DirectRefused(peer.peer_id)) {
     return hooks_.open_ordinary(peer, method, CallOptions{timeout});
   }
-  auto stream = std::make_shared<DirectStream>(peer.peer_id,
-                                               SettingsFor(timeout, /*we_called=*/true), threads_);
+  auto stream = std::make_shared<DirectStream>(
+      peer.peer_id, SettingsFor(peer.peer_id, timeout, /*we_called=*/true), threads_);
   if (!Track(stream) || !threads_->Spawn([this, stream, peer, method, timeout] {
         Dial(stream, peer, method, timeout);
       })) {
@@ -332,6 +490,41 @@ void DirectHub::Dial(const std::shared_ptr<DirectStream>& stream, const PeerAddr
     if (remember) RefuseDirect(peer.peer_id);
     stream->Divert(hooks_.open_ordinary(peer, method, CallOptions{left()}));
   };
+  // The callee refused a stream it was asked for: as an ordinary stream would be, or diverted.
+  auto refused_by_callee = [&](const Status& refused) {
+    if (stream->cancelled()->load()) return;  // failed meanwhile: nothing to set up
+    if (RefusalFailsTheStream(refused)) {
+      stream->Fail(refused.WithContext("stream on peer " + peer.peer_id.ToString()));
+      return;
+    }
+    divert(true);
+  };
+  const size_t max_frame = MaxDirectFrameBytes(options_.max_header_bytes);
+  wire::DirectFrame hello;
+  hello.set_kind(wire::DIRECT_HELLO);
+  hello.set_method(method);
+
+  // A connection kept from an earlier stream: one round trip. If it turns out dead (the peer
+  // closed it or restarted), a fresh one is dialed below.
+  if (auto kept = TakeIdle(peer.peer_id)) {
+    hello.set_timeout_ms(static_cast<uint32_t>(left().count()));
+    const auto setup_deadline = std::min(deadline, Clock::now() + options_.connect_timeout);
+    bool answered = false;
+    Status refused = Handshake(*stream, kept->fd, hello, kept->cipher.get(), kept->cipher.get(),
+                               setup_deadline, max_frame, &answered);
+    if (refused.ok()) {
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        ++reused_;
+      }
+      stream->Start(kept->fd, kept->cipher);  // owns the descriptor from here on
+      return;
+    }
+    ::close(kept->fd);
+    if (answered) return refused_by_callee(refused);
+    if (stream->cancelled()->load()) return;
+  }
+
   const Endpoint* endpoint = nullptr;
   for (const Endpoint& candidate : peer.endpoints) {
     if (candidate.kind != Endpoint::Kind::kDns) {
@@ -372,51 +565,24 @@ void DirectHub::Dial(const std::shared_ptr<DirectStream>& stream, const PeerAddr
   auto connected =
       ConnectDirect(endpoint->host, static_cast<uint16_t>(offer.port()), setup_deadline);
   if (!connected.ok()) return divert(true);
-  // The socket is shut down if the stream fails while the handshake waits; it is closed here
-  // only under the holder's lock, so the canceller never touches a descriptor reused meanwhile.
-  struct Socket {
-    std::mutex mutex;
-    int fd;
-  };
-  auto socket = std::make_shared<Socket>();
-  socket->fd = *connected;
-  stream->SetSetupCanceller([socket] {
-    std::lock_guard<std::mutex> lock(socket->mutex);
-    if (socket->fd >= 0) ::shutdown(socket->fd, SHUT_RDWR);
-  });
-  const int fd = socket->fd;
-  auto release = [&] {
-    std::lock_guard<std::mutex> lock(socket->mutex);
-    socket->fd = -1;
-  };
-  wire::DirectFrame hello;
-  hello.set_kind(wire::DIRECT_HELLO);
+  const int fd = *connected;
+  // The first hello travels in the clear: its token is what ties the connection to the offer.
   hello.set_token(offer.token());
-  hello.set_method(method);
   hello.set_timeout_ms(static_cast<uint32_t>(left().count()));
-  wire::DirectFrame ack;
-  Status handshake = WriteDirectFrame(fd, hello, {}, setup_deadline);
-  if (handshake.ok()) {
-    handshake = ReadDirectFrame(fd, MaxDirectFrameBytes(options_.max_header_bytes), setup_deadline,
-                                &ack, nullptr, cipher.get());
-  }
-  if (handshake.ok() && ack.kind() != wire::DIRECT_ACK) {
-    handshake = Status(StatusCode::kProtocolError, "expected a direct stream ack");
-  }
-  Status refused = handshake.ok() ? FromWire(ack.status()) : handshake;
-  release();
+  bool answered = false;
+  Status refused =
+      Handshake(*stream, fd, hello, nullptr, cipher.get(), setup_deadline, max_frame, &answered);
   if (refused.ok()) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ++dialed_;
+    }
     stream->Start(fd, cipher);  // owns fd from here on
     return;
   }
   ::close(fd);
-  if (stream->cancelled()->load()) return;  // failed meanwhile: nothing to set up
-  if (handshake.ok() && (refused.code() == StatusCode::kNotFound ||
-                         refused.code() == StatusCode::kResourceExhausted)) {
-    // What an ordinary stream would be told too.
-    stream->Fail(refused.WithContext("stream on peer " + peer.peer_id.ToString()));
-    return;
-  }
+  if (answered) return refused_by_callee(refused);
+  if (stream->cancelled()->load()) return;
   divert(true);
 }
 

@@ -8,6 +8,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -47,8 +48,10 @@ class DirectHub {
   // A stream that dials in the background and falls back to an ordinary one when it must.
   std::shared_ptr<Stream> Open(const PeerAddress& peer, const std::string& method,
                                Milliseconds timeout);
-  // Fails every direct stream, stops serving, joins every thread. Idempotent.
+  // Fails every direct stream, stops serving, closes kept connections, joins every thread.
+  // Idempotent.
   void Stop();
+  DirectConnectionStats stats() const;
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -59,13 +62,30 @@ class DirectHub {
     wire::DirectCipherKind cipher = wire::DIRECT_PLAIN;
   };
 
+  // A connection kept after its stream ended cleanly (caller side).
+  struct IdleConnection {
+    int fd = -1;
+    std::shared_ptr<DirectCipher> cipher;
+    Clock::time_point since;
+  };
+
   DirectHub(const NodeOptions& options, Hooks hooks);
   void RunAcceptor();
-  // One accepted connection: its hello, then the method's handler, on this thread.
+  // One accepted connection: its hello with the offer's token, then its first stream.
   void Serve(int fd);
+  // Callee: a connection whose stream ended cleanly waits for its caller's next hello.
+  void ServeIdle(int fd, PeerId peer, std::shared_ptr<DirectCipher> cipher);
+  // Callee: the stream `hello` asks for on `fd`, from `peer`: the ack, then the method's
+  // handler, on this thread.
+  void ServeStream(int fd, const PeerId& peer, std::shared_ptr<DirectCipher> cipher,
+                   const wire::DirectFrame& hello);
   void Dial(const std::shared_ptr<DirectStream>& stream, const PeerAddress& peer,
             const std::string& method, Milliseconds timeout);
-  DirectStream::Settings SettingsFor(Milliseconds timeout, bool we_called) const;
+  DirectStream::Settings SettingsFor(const PeerId& peer, Milliseconds timeout, bool we_called);
+  // Caller: keeps the connection of a stream to `peer` that ended cleanly (or closes it when
+  // there is no room). An idle connection to `peer` that still looks alive, if any.
+  void KeepIdle(const PeerId& peer, int fd, std::shared_ptr<DirectCipher> cipher);
+  std::optional<IdleConnection> TakeIdle(const PeerId& peer);
   // Remembers `stream` for Stop; false once stopped.
   bool Track(const std::shared_ptr<DirectStream>& stream);
   bool DirectRefused(const PeerId& peer);
@@ -80,13 +100,18 @@ class DirectHub {
   uint16_t port_ = 0;
   std::thread acceptor_;
 
-  std::mutex mutex_;
+  mutable std::mutex mutex_;
   bool stopped_ = false;
   std::map<std::string, Pending> offers_;                          // by token
   std::set<int> handshakes_;                                       // accepted, hello not read yet
   std::vector<std::weak_ptr<DirectStream>> streams_;               // for Stop
   std::unordered_map<PeerId, int> served_per_peer_;                // handlers running
   std::unordered_map<PeerId, Clock::time_point> no_direct_until_;  // dialing failed recently
+  std::unordered_map<PeerId, std::vector<IdleConnection>> idle_;   // kept, newest last
+  size_t idle_count_ = 0;
+  size_t served_idle_ = 0;  // callee side: connections waiting for their caller's next stream
+  uint64_t dialed_ = 0;
+  uint64_t reused_ = 0;
 };
 
 }  // namespace hivemind::net

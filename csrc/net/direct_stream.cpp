@@ -229,7 +229,17 @@ std::optional<DirectStream::Outgoing> DirectStream::NextOutgoing() {
       writing_ = true;
       return next;
     }
-    if (write_end_ || close_sent_) return std::nullopt;
+    if (close_sent_) return std::nullopt;
+    if (write_end_) {
+      // The serving side finished first: say this side is done too, so that the connection ends
+      // between frames both ways and can carry the next stream.
+      if (!settings_.we_called || !close_read_) return std::nullopt;
+      close_sent_ = true;
+      writing_ = true;
+      Outgoing close;
+      close.close = Status::Ok();
+      return close;
+    }
     if (close_status_) {
       close_sent_ = true;
       writing_ = true;
@@ -280,6 +290,9 @@ void DirectStream::RunWriter() {
       ::shutdown(fd_, SHUT_RDWR);
     } else if (!sent.ok()) {
       Fail(sent);
+    } else if (next->close->ok()) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      close_written_ = true;
     }
   }
   ThreadEnded();
@@ -308,6 +321,7 @@ void DirectStream::OnRemoteClose(const Status& status) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (read_end_) return;
     read_end_ = status;
+    close_read_ = status.ok();
     reads.swap(pending_reads_);  // non-empty only when the inbox is empty
     if (settings_.we_called || !status.ok()) {
       // The serving side is done (its handler returned) or the stream failed: writes are futile.
@@ -412,9 +426,18 @@ void DirectStream::RunReader() {
 
 void DirectStream::ThreadEnded() {
   int fd = -1;
+  bool reuse = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (--threads_running_ == 0) fd = fd_;
+    if (--threads_running_ == 0) {
+      fd = fd_;
+      reuse = fd >= 0 && settings_.reusable && close_written_ && close_read_ && !failed_;
+      if (reuse) fd_ = -1;  // no longer ours: Fail and the destructor leave it alone
+    }
+  }
+  if (reuse) {
+    settings_.reusable(fd, cipher_);
+    return;
   }
   // Nothing more goes either way: the peer sees the end now, not when the last owner lets go.
   if (fd >= 0) ::shutdown(fd, SHUT_RDWR);

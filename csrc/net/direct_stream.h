@@ -2,13 +2,16 @@
 // connection of its own, beside the node's ZeroMQ link. A writer thread sends each queued message
 // straight from its payloads; a reader thread receives each message into buffers of its own, with
 // no hop through a reactor or an I/O thread. TCP paces both sides: the reader stops reading while
-// `window` messages wait unread, and a writer blocks while the peer's buffers are full.
+// `window` messages wait unread, and a writer blocks while the peer's buffers are full. A stream
+// that ends cleanly both ways (each side's close sent and read, both with OK) leaves its
+// connection between frames, and gives it back for the next stream (Settings::reusable).
 #pragma once
 
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -34,6 +37,10 @@ class DirectStream : public Stream, public std::enable_shared_from_this<DirectSt
     Clock::time_point deadline;
     bool we_called = true;
     std::shared_ptr<PayloadRecycler> buffers;  // where received payloads live (the node's)
+    // Given the connection (and its cipher, whose record numbers go on) once both threads ended
+    // after a clean end both ways; the stream no longer touches it. Unset: the connection is
+    // shut down then, as after any other end.
+    std::function<void(int fd, std::shared_ptr<DirectCipher> cipher)> reusable;
   };
 
   DirectStream(PeerId peer, Settings settings, std::shared_ptr<ThreadSet> threads);
@@ -105,6 +112,8 @@ class DirectStream : public Stream, public std::enable_shared_from_this<DirectSt
   std::optional<Status> write_end_;     // writes fail with it
   std::optional<Status> close_status_;  // what to send once pending writes are out
   bool close_sent_ = false;
+  bool close_written_ = false;    // our close went out whole, with OK (not a farewell)
+  bool close_read_ = false;       // the peer's close came in, with OK
   bool writing_ = false;          // the writer is in the middle of a frame
   std::optional<Status> failed_;  // set by Fail
   bool tell_peer_ = false;        // Fail left the writer to send the failure and shut down

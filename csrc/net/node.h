@@ -60,6 +60,19 @@ struct NodeOptions {
   // their own, beside the ZeroMQ link (docs/transport.md). With encryption their bytes travel in
   // AEAD records keyed through the encrypted link (AES-256-GCM or ChaCha20-Poly1305).
   bool direct_streams = true;
+  // A direct connection whose stream ended cleanly both ways is kept this long for the next
+  // direct stream to the same peer, which then costs one round trip instead of a request, a new
+  // connection and a handshake. The serving side keeps its end twice as long plus 1 s, so a
+  // caller does not pick a connection its peer is closing. Zero: one connection per stream.
+  Milliseconds direct_idle_timeout{20000};
+};
+
+// A node's direct connections so far (Node::direct_connections): for monitoring and tests.
+struct DirectConnectionStats {
+  uint64_t dialed = 0;     // connections this node dialed and set up for a stream
+  uint64_t reused = 0;     // streams this node opened on a kept connection instead
+  size_t idle = 0;         // connections kept now for this node's next streams
+  size_t served_idle = 0;  // connections of callers kept now, waiting for their next stream
 };
 
 struct CallOptions {
@@ -161,6 +174,7 @@ class Node {
 
   // Peers with a live connection right now.
   virtual std::vector<PeerId> ConnectedPeers() const = 0;
+  virtual DirectConnectionStats direct_connections() const { return {}; }
 
   // Fails pending calls with kCancelled, closes connections and joins threads. Idempotent.
   virtual void Shutdown() = 0;

@@ -209,6 +209,10 @@ void NodeImpl::RegisterStream(const std::string& method, StreamHandler handler) 
   stream_handlers_[method] = std::move(handler);
 }
 
+DirectConnectionStats NodeImpl::direct_connections() const {
+  return direct_ ? direct_->stats() : DirectConnectionStats{};
+}
+
 std::vector<PeerId> NodeImpl::ConnectedPeers() const {
   std::lock_guard<std::mutex> lock(peers_mutex_);
   return connected_peers_;

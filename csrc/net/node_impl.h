@@ -41,6 +41,7 @@ class NodeImpl : public Node, public StreamTransport {
   std::shared_ptr<Stream> OpenStream(const PeerAddress& peer, const std::string& method,
                                      CallOptions options) override;
   std::vector<PeerId> ConnectedPeers() const override;
+  DirectConnectionStats direct_connections() const override;
   void Shutdown() override;
 
   // StreamTransport (reactor thread).

@@ -794,6 +794,48 @@ TEST_F(DirectStreamTest, ATokenServesOneConnectionOnly) {
   ExpectServerStillServesDirectStreams();
 }
 
+// After a clean end both ways the node waits on the connection for its caller's next stream: a
+// hello without a token (the connection is already the caller's). A hello with one is refused.
+TEST_F(DirectStreamTest, AKeptConnectionTakesTheCallersNextHelloOnly) {
+  auto offer = AskForOffer();
+  ASSERT_TRUE(offer.ok()) << offer.status().ToString();
+  RawDirectConnection connection(offer->port());
+  ASSERT_TRUE(connection.ok());
+  auto run_stream = [&](const std::string& token, const std::string& text) {
+    ASSERT_TRUE(connection.SendFrame(HelloFrame(token)));
+    wire::DirectFrame ack;
+    ASSERT_EQ(connection.ReadFrame(&ack, kRefusalWait), RawDirectConnection::Got::kFrame);
+    ASSERT_EQ(ack.kind(), wire::DIRECT_ACK);
+    ASSERT_EQ(ack.status().code(), 0u) << ack.status().message();
+    wire::DirectFrame data;
+    data.set_kind(wire::DIRECT_DATA);
+    data.set_header(text);
+    ASSERT_TRUE(connection.SendFrame(data));
+    wire::DirectFrame echoed;
+    ASSERT_EQ(connection.ReadFrame(&echoed, test::kPromptly), RawDirectConnection::Got::kFrame);
+    EXPECT_EQ(echoed.kind(), wire::DIRECT_DATA);
+    EXPECT_EQ(echoed.header(), text);
+    wire::DirectFrame close;
+    close.set_kind(wire::DIRECT_CLOSE);
+    ASSERT_TRUE(connection.SendFrame(close));
+    wire::DirectFrame closed;
+    ASSERT_EQ(connection.ReadFrame(&closed, test::kPromptly), RawDirectConnection::Got::kFrame);
+    EXPECT_EQ(closed.kind(), wire::DIRECT_CLOSE);
+    EXPECT_EQ(closed.status().code(), 0u) << closed.status().message();
+  };
+  run_stream(offer->token(), "first");
+  run_stream("", "second, on the same connection");
+  run_stream("", "third");
+  EXPECT_EQ(echo_handlers_.load(), 3);
+
+  auto another = AskForOffer();  // a valid token, but for a connection of its own
+  ASSERT_TRUE(another.ok()) << another.status().ToString();
+  connection.SendFrame(HelloFrame(another->token()));
+  EXPECT_TRUE(connection.ClosedWithin(kRefusalWait));
+  EXPECT_EQ(echo_handlers_.load(), 3) << "a hello with a token ran a handler on a kept connection";
+  ExpectServerStillServesDirectStreams();
+}
+
 TEST_F(DirectStreamTest, GarbageOnTheDirectPortClosesTheConnection) {
   auto offer = AskForOffer();
   ASSERT_TRUE(offer.ok()) << offer.status().ToString();
