@@ -706,6 +706,23 @@ wire::DirectFrame HelloFrame(const std::string& token, const std::string& method
   return hello;
 }
 
+// Whether the node answers our DIRECT_CLOSE (status OK) with a DIRECT_CLOSE of its own, status OK.
+::testing::AssertionResult ClosedCleanly(RawDirectConnection& connection) {
+  wire::DirectFrame close;
+  close.set_kind(wire::DIRECT_CLOSE);
+  if (!connection.SendFrame(close))
+    return ::testing::AssertionFailure() << "could not send the close";
+  wire::DirectFrame closed;
+  if (connection.ReadFrame(&closed, test::kPromptly) != RawDirectConnection::Got::kFrame) {
+    return ::testing::AssertionFailure() << "no frame answered the close";
+  }
+  if (closed.kind() != wire::DIRECT_CLOSE || closed.status().code() != 0) {
+    return ::testing::AssertionFailure() << "answered with kind " << static_cast<int>(closed.kind())
+                                         << ", status " << closed.status().message();
+  }
+  return ::testing::AssertionSuccess();
+}
+
 // Whether the node refused what `connection` sent: a DIRECT_ACK with a non-zero code and then a
 // close, or a close alone.
 ::testing::AssertionResult Refused(RawDirectConnection& connection) {
@@ -778,13 +795,7 @@ TEST_F(DirectStreamTest, ATokenServesOneConnectionOnly) {
   second.SendFrame(HelloFrame(offer->token()));
   EXPECT_TRUE(Refused(second)) << "while the first connection is open";
 
-  wire::DirectFrame close;
-  close.set_kind(wire::DIRECT_CLOSE);
-  ASSERT_TRUE(first.SendFrame(close));
-  wire::DirectFrame closed;
-  ASSERT_EQ(first.ReadFrame(&closed, test::kPromptly), RawDirectConnection::Got::kFrame);
-  EXPECT_EQ(closed.kind(), wire::DIRECT_CLOSE);
-  EXPECT_EQ(closed.status().code(), 0u) << closed.status().message();
+  EXPECT_TRUE(ClosedCleanly(first));
 
   RawDirectConnection third(offer->port());
   ASSERT_TRUE(third.ok());
@@ -815,13 +826,7 @@ TEST_F(DirectStreamTest, AKeptConnectionTakesTheCallersNextHelloOnly) {
     ASSERT_EQ(connection.ReadFrame(&echoed, test::kPromptly), RawDirectConnection::Got::kFrame);
     EXPECT_EQ(echoed.kind(), wire::DIRECT_DATA);
     EXPECT_EQ(echoed.header(), text);
-    wire::DirectFrame close;
-    close.set_kind(wire::DIRECT_CLOSE);
-    ASSERT_TRUE(connection.SendFrame(close));
-    wire::DirectFrame closed;
-    ASSERT_EQ(connection.ReadFrame(&closed, test::kPromptly), RawDirectConnection::Got::kFrame);
-    EXPECT_EQ(closed.kind(), wire::DIRECT_CLOSE);
-    EXPECT_EQ(closed.status().code(), 0u) << closed.status().message();
+    EXPECT_TRUE(ClosedCleanly(connection));
   };
   run_stream(offer->token(), "first");
   run_stream("", "second, on the same connection");
