@@ -244,17 +244,23 @@ DirectStream::Settings DirectHub::SettingsFor(const PeerId& peer, Milliseconds t
 void DirectHub::KeepIdle(const PeerId& peer, int fd, std::shared_ptr<DirectCipher> cipher) {
   std::lock_guard<std::mutex> lock(mutex_);
   const auto now = Clock::now();
+  // Expired connections of every peer go here (at most kMaxIdle), so that those to peers never
+  // called again do not hold descriptors until Stop.
+  for (auto it = idle_.begin(); it != idle_.end();) {
+    auto& connections = it->second;
+    connections.erase(std::remove_if(connections.begin(), connections.end(),
+                                     [&](const IdleConnection& connection) {
+                                       if (now - connection.since < options_.direct_idle_timeout) {
+                                         return false;
+                                       }
+                                       ::close(connection.fd);
+                                       --idle_count_;
+                                       return true;
+                                     }),
+                      connections.end());
+    it = connections.empty() ? idle_.erase(it) : std::next(it);
+  }
   auto& kept = idle_[peer];
-  kept.erase(std::remove_if(kept.begin(), kept.end(),
-                            [&](const IdleConnection& connection) {
-                              if (now - connection.since < options_.direct_idle_timeout) {
-                                return false;
-                              }
-                              ::close(connection.fd);
-                              --idle_count_;
-                              return true;
-                            }),
-             kept.end());
   if (stopped_ || kept.size() >= kMaxIdlePerPeer || idle_count_ >= kMaxIdle) {
     ::close(fd);  // the peer's waiting thread sees the connection end
   } else {
